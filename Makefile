@@ -1,0 +1,57 @@
+# vgen: the two commands that matter are `make demo` and `make test` (see README.md).
+PYTHON   ?= python3
+VENV     ?= .venv
+PY       := $(VENV)/bin/python
+VGEN     := $(VENV)/bin/vgen
+DEMO_DIR ?= demo
+# Exact pins: these wheels are served from local disk here; any other version downloads gigabytes.
+TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+# Debian packages: the emoji font for the demo data, and the libraries Pillow's raqm layout loads.
+SYSTEM_PACKAGES := fonts-noto-color-emoji libraqm0 libfribidi0
+
+DEMO_COUNT      ?= 20000
+DEMO_RESOLUTION ?= 32
+
+.PHONY: setup system-deps test demo clean-demo
+.DEFAULT_GOAL := help
+
+help:
+	@echo "make demo   set up, then run the whole pipeline on the embedded emoji-scenes data into $(DEMO_DIR)/"
+	@echo "make test   set up, then run the test suite"
+	@echo "make setup  create $(VENV), install torch ($(TORCH_PIN)), vgen[dev] and the Debian packages"
+
+setup: system-deps $(VENV)/.vgen-setup
+
+# Re-runs only when pyproject.toml changes, so a second `make setup` takes a second.
+$(VENV)/.vgen-setup: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PIN)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+system-deps:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else \
+	    echo "vgen needs these Debian packages:$$missing"; \
+	    echo "install them with:  sudo apt-get update && sudo apt-get install -y$$missing"; \
+	    exit 1; \
+	  fi; \
+	fi
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	@test -d $(DEMO_DIR)/raw || $(VGEN) data emoji-scenes $(DEMO_DIR)/raw --count $(DEMO_COUNT) --seed 0
+	$(VGEN) preprocess $(DEMO_DIR)/raw -o $(DEMO_DIR)/dataset --resolution $(DEMO_RESOLUTION) --overwrite
+	@echo "dataset: $(DEMO_DIR)/dataset/dataset.yaml"
+
+clean-demo:
+	rm -rf $(DEMO_DIR)

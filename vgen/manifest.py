@@ -1,0 +1,100 @@
+"""YAML manifests: the contract between stages.
+
+Every artifact directory is described by one manifest (`dataset.yaml`, `run.yaml`, ...). A manifest
+carries `schema` (the format version), `kind`, the vgen version and a timestamp, is written atomically
+and read with `yaml.safe_load` only. Readers refuse unknown schema versions and name the missing key,
+so a stage never guesses at another stage's internals.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vgen import __version__
+from vgen.atomic import atomic_write_text
+from vgen.errors import ManifestError
+
+SCHEMA_VERSION = 1
+
+_HASH_CHUNK = 1 << 20
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in chunks so large shards do not need to fit in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(path: str | os.PathLike, kind: str, body: Mapping[str, Any]) -> dict:
+    """Write `body` as a manifest of `kind` to `path` (atomically) and return what was written."""
+    manifest = {
+        "schema": SCHEMA_VERSION,
+        "kind": kind,
+        "vgen_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **body,
+    }
+    text = yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True, width=100)
+    atomic_write_text(path, text)
+    return manifest
+
+
+def read_manifest(
+    path: str | os.PathLike, kind: str, required: Iterable[str] = ()
+) -> dict[str, Any]:
+    """Read and validate a manifest of `kind`; `required` lists dotted keys that must be present."""
+    path = Path(path)
+    if path.is_dir():
+        raise ManifestError(f"{path} is a directory; expected a {kind} manifest file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: no such file (expected a {kind} manifest)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path}: cannot read manifest: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ManifestError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path}: expected a YAML mapping at the top level, got {type(data).__name__}")
+    schema = data.get("schema")
+    if schema != SCHEMA_VERSION:
+        raise ManifestError(
+            f"{path}: unsupported manifest schema {schema!r}; this vgen ({__version__}) reads "
+            f"schema {SCHEMA_VERSION}. Re-create the artifact with this version of vgen."
+        )
+    if data.get("kind") != kind:
+        raise ManifestError(f"{path}: expected a manifest of kind '{kind}', found kind {data.get('kind')!r}")
+    for key in required:
+        node: Any = data
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ManifestError(f"{path}: missing required key '{key}'")
+            node = node[part]
+    return data
+
+
+def verify_files(root: str | os.PathLike, entries: Iterable[Mapping[str, Any]], manifest: str) -> None:
+    """Check that each entry's `file` (relative to `root`) exists and matches its recorded `sha256`."""
+    root = Path(root)
+    for entry in entries:
+        file = root / entry["file"]
+        if not file.is_file():
+            raise ManifestError(f"{manifest}: lists {entry['file']}, which is missing under {root}")
+        actual = sha256_file(file)
+        if actual != entry["sha256"]:
+            raise ManifestError(
+                f"{file}: sha256 {actual[:12]}… does not match {entry['sha256'][:12]}… recorded in "
+                f"{manifest}; the file was changed after it was written"
+            )
