@@ -1,0 +1,1 @@
+"""Data: raw-folder discovery, cleaning, shards, and the embedded emoji-scenes dataset."""
