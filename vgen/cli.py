@@ -1,0 +1,150 @@
+"""The `vgen` command line: one thin function per subcommand, parsing arguments and calling a stage.
+
+Exit codes: 0 done, 1 runtime failure, 2 usage or config error. Errors print one clear message on
+stderr; `vgen --debug ...` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from vgen import __version__
+from vgen.errors import VgenError
+
+app = typer.Typer(
+    name="vgen",
+    help="From a folder of captioned images to a trained text-to-image model, samples and a report.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+data_app = typer.Typer(help="Make raw caption folders and prompt lists (the embedded emoji-scenes data).",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"vgen {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = None,
+) -> None:
+    _state["debug"] = debug
+
+
+@data_app.command("emoji-scenes")
+def data_emoji_scenes(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to create: one PNG + .txt caption per scene.")],
+    count: Annotated[int, typer.Option("--count", "-n", min=1, help="Number of scenes.")] = 20000,
+    seed: Annotated[int, typer.Option(help="Scene i is a pure function of (seed, i).")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT_DIR if it exists.")] = False,
+) -> None:
+    """Render emoji-scenes training images (64x64, Noto Color Emoji) with their captions.
+
+    Held-out object pairs are never rendered. Example: vgen data emoji-scenes raw --count 20000
+    """
+    from vgen.data.emoji_scenes import write_emoji_scenes
+    from vgen.ui import console, progress_bar
+
+    with progress_bar("emoji-scenes", total=count) as advance:
+        summary = write_emoji_scenes(out_dir, count, seed=seed, overwrite=overwrite, progress=advance)
+    shares = ", ".join(f"{k} {v}" for k, v in summary["relations"].items())
+    console.print(f"[green]wrote[/] {count} scenes to {out_dir} ({shares})")
+
+
+@data_app.command("emoji-scenes-prompts")
+def data_emoji_scenes_prompts(
+    out_file: Annotated[Path, typer.Argument(help="Text file to write, one prompt per line.")],
+    split: Annotated[str, typer.Option(help="train: pairs seen in training; heldout: held-out pairs.")] = "train",
+    per_relation: Annotated[int, typer.Option(min=1, help="Prompts per relation (fewer if fewer exist).")] = 50,
+    seed: Annotated[int, typer.Option(help="Seed for choosing the prompts.")] = 0,
+) -> None:
+    """Write emoji-scenes benchmark prompts in the caption grammar.
+
+    Example: vgen data emoji-scenes-prompts heldout.txt --split heldout --per-relation 20
+    """
+    from vgen.data.emoji_scenes import benchmark_prompts, write_prompts
+    from vgen.ui import console
+
+    prompts = benchmark_prompts(split, per_relation, seed=seed)
+    write_prompts(out_file, prompts)
+    console.print(f"[green]wrote[/] {len(prompts)} {split} prompts to {out_file}")
+
+
+@app.command()
+def preprocess(
+    raw_dir: Annotated[Path, typer.Argument(help="Raw folder: images + .txt/.caption sidecars or metadata.jsonl/.csv.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Dataset directory to create.")],
+    resolution: Annotated[int, typer.Option("--resolution", "-r", help="Output side length R (images are R x R).")] = 64,
+    workers: Annotated[int, typer.Option(help="Decoding processes (default: all cores).")] = 0,
+    val_fraction: Annotated[float, typer.Option(help="Share of images in the validation split, chosen by content hash.")] = 0.05,
+    min_size: Annotated[Optional[int], typer.Option(help="Skip images whose shorter side is below this [default: R/2].")] = None,
+    caption_ext: Annotated[Optional[list[str]], typer.Option(help="Sidecar caption extension, repeatable [default: .txt and .caption].")] = None,
+    caption_column: Annotated[str, typer.Option(help="Caption column of metadata.jsonl/.csv files.")] = "text",
+    allow_empty_captions: Annotated[bool, typer.Option(help="Keep images without any caption.")] = False,
+    shard_mb: Annotated[float, typer.Option(help="Maximum size of one shard file in MiB.")] = 32.0,
+    context_length: Annotated[int, typer.Option(help="Text encoder context, for reporting captions it truncates.")] = 77,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing dataset at --out.")] = False,
+) -> None:
+    """Clean, centre-crop, resize and shard a raw caption folder into a dataset (dataset.yaml).
+
+    Bad files (corrupt, truncated, empty, not images, decompression bombs, duplicates, no caption)
+    are skipped and listed with their reason in skipped.jsonl; they never stop the run.
+
+    Example: vgen preprocess raw -o ds --resolution 32
+    """
+    import os
+
+    from vgen.data.preprocess import PreprocessOptions
+    from vgen.data.preprocess import preprocess as run_preprocess
+
+    options = PreprocessOptions(
+        resolution=resolution,
+        workers=workers or os.cpu_count() or 1,
+        val_fraction=val_fraction,
+        min_size=min_size,
+        caption_extensions=tuple(caption_ext or ()),
+        caption_column=caption_column,
+        allow_empty_captions=allow_empty_captions,
+        shard_mb=shard_mb,
+        context_length=context_length,
+        overwrite=overwrite,
+    )
+    run_preprocess(raw_dir, out, options)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: runs the app and turns errors into messages and exit codes."""
+    try:
+        app(args=argv, prog_name="vgen")
+    except VgenError as e:
+        if _state["debug"]:
+            raise
+        from rich.markup import escape
+
+        from vgen.ui import console
+
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # an unexpected bug: say so briefly, keep the traceback for --debug
+        if _state["debug"]:
+            raise
+        print(f"internal error: {type(e).__name__}: {e} (run `vgen --debug ...` for the traceback)",
+              file=sys.stderr)
+        sys.exit(1)

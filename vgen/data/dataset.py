@@ -1,0 +1,103 @@
+"""The training view of a preprocessed dataset: a torch Dataset over memory-mapped shards.
+
+Only the index (captions and shard locations) is read into memory; pixels stay in the shard files
+and are paged in by the OS as rows are read, so a dataset larger than RAM works and DataLoader
+workers share the page cache instead of copying tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from vgen.data.preprocess import DATASET_MANIFEST, INDEX_FILE, SPLITS
+from vgen.data.shards import open_shard
+from vgen.errors import ManifestError, UsageError
+from vgen.manifest import read_manifest, sha256_file, verify_files
+
+REQUIRED_KEYS = ("resolution", "shards", "index.file", "index.sha256", "counts.kept")
+
+
+def load_dataset_manifest(dataset_dir: str | Path) -> dict:
+    return read_manifest(Path(dataset_dir) / DATASET_MANIFEST, "dataset", REQUIRED_KEYS)
+
+
+class ImageCaptionDataset(Dataset):
+    """Images of one split with their captions.
+
+    `dataset[i]` returns {"image": uint8 tensor 3xRxR, "caption": str, "id": int} with a caption drawn
+    at random (torch's RNG, so DataLoader worker seeding applies) from the image's captions.
+    `dataset.item(i, caption_seed)` draws the caption from `caption_seed` instead, for training loops
+    that derive all randomness from (seed, step, sample index).
+    """
+
+    def __init__(self, dataset_dir: str | Path, split: str = "train", verify: bool = False):
+        if split not in SPLITS:
+            raise UsageError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        self.root = Path(dataset_dir)
+        self.manifest = load_dataset_manifest(self.root)
+        self.split = split
+        self.resolution = int(self.manifest["resolution"])
+        manifest_path = str(self.root / DATASET_MANIFEST)
+        index_path = self.root / self.manifest["index"]["file"]
+        if verify:
+            verify_files(self.root, self.manifest["shards"], manifest_path)
+            verify_files(self.root, [self.manifest["index"]], manifest_path)
+        self.ids: list[int] = []
+        self.captions: list[list[str]] = []
+        self._locations: list[tuple[str, int]] = []
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                for line in f:
+                    row = json.loads(line)
+                    if row["split"] == split:
+                        self.ids.append(row["id"])
+                        self.captions.append(row["captions"])
+                        self._locations.append((row["shard"], row["row"]))
+        except (OSError, ValueError, KeyError) as e:
+            raise ManifestError(f"{index_path}: unreadable dataset index ({e}); re-run vgen preprocess") from None
+        self._shards: dict[str, dict[str, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getstate__(self):
+        # Memory maps are reopened in each DataLoader worker rather than pickled.
+        return {**self.__dict__, "_shards": {}}
+
+    def image(self, i: int) -> torch.Tensor:
+        shard, row = self._locations[i]
+        arrays = self._shards.get(shard)
+        if arrays is None:
+            arrays = self._shards[shard] = open_shard(self.root / shard)
+            expected = (3, self.resolution, self.resolution)
+            if arrays["images"].shape[1:] != expected:
+                raise ManifestError(f"{self.root / shard}: images of shape {arrays['images'].shape[1:]}, "
+                                    f"but {DATASET_MANIFEST} says {expected}")
+        if int(arrays["ids"][row]) != self.ids[i]:
+            raise ManifestError(f"{self.root / shard}: row {row} holds image {int(arrays['ids'][row])}, "
+                                f"but {INDEX_FILE} says {self.ids[i]}; the dataset is inconsistent")
+        return torch.from_numpy(np.array(arrays["images"][row]))
+
+    def item(self, i: int, caption_seed: int | None = None) -> dict:
+        captions = self.captions[i]
+        if not captions:
+            caption = ""
+        elif caption_seed is None:
+            caption = captions[int(torch.randint(len(captions), ()))]
+        else:
+            caption = captions[random.Random(caption_seed).randrange(len(captions))]
+        return {"image": self.image(i), "caption": caption, "id": self.ids[i]}
+
+    def __getitem__(self, i: int) -> dict:
+        return self.item(i)
+
+
+def dataset_sha256(dataset_dir: str | Path) -> str:
+    """The hash later stages record to say which dataset they were made from."""
+    return sha256_file(Path(dataset_dir) / DATASET_MANIFEST)

@@ -1,0 +1,1 @@
+"""Text side of vgen: open_clip tokenizer and text encoders."""

@@ -1,0 +1,53 @@
+"""Terminal output shared by the stages: one stderr console, progress bars with a rate column.
+
+Human output goes to stderr so that stdout stays free for machine-readable output (`--json`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+console = Console(stderr=True, soft_wrap=True)  # no hard wraps: paths in messages stay copyable
+
+
+class RateColumn(ProgressColumn):
+    """Items per second, e.g. '1,234 img/s'."""
+
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.0f} {self.unit}/s" if speed else f"- {self.unit}/s", style="progress.data.speed")
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int | None, unit: str = "img") -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr; yields `advance(n)`."""
+    columns = (
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(unit),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda n=1: progress.advance(task, n)
