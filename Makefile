@@ -12,7 +12,7 @@ SYSTEM_PACKAGES := fonts-noto-color-emoji libraqm0 libfribidi0
 DEMO_COUNT      ?= 20000
 DEMO_RESOLUTION ?= 32
 
-.PHONY: setup system-deps test demo clean-demo
+.PHONY: help setup system-deps test demo clean-demo
 .DEFAULT_GOAL := help
 
 help:
