@@ -201,7 +201,7 @@ def test_load_config_from_file(tmp_path):
 
 def test_load_config_file_errors(tmp_path):
     missing = tmp_path / "nope.yaml"
-    assert error_of(load_config, Root, missing) == f"{missing}: config file not found"
+    assert error_of(load_config, Root, missing) == f"{missing}: no such file (expected a config file)"
 
     broken = tmp_path / "broken.yaml"
     broken.write_text("name: a\ntrain:\n  lr: [1, 2\n  steps: 3\n")

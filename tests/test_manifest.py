@@ -97,7 +97,7 @@ def test_missing_required_dotted_key_named(tmp_path):
 def test_not_yaml_refused(tmp_path):
     path = tmp_path / "dataset.yaml"
     path.write_text("schema: 1\nkind: [unclosed\n", encoding="utf-8")
-    with pytest.raises(ManifestError, match="not valid YAML") as info:
+    with pytest.raises(ManifestError, match="invalid YAML") as info:
         read_manifest(path, "dataset")
     assert str(path) in str(info.value)
 
@@ -129,7 +129,7 @@ def test_yaml_is_read_safely(tmp_path):
     path = tmp_path / "dataset.yaml"
     text = "schema: 1\nkind: dataset\nx: !!python/object/apply:os.system ['true']\n"
     path.write_text(text, encoding="utf-8")
-    with pytest.raises(ManifestError, match="not valid YAML"):
+    with pytest.raises(ManifestError, match="invalid YAML"):
         read_manifest(path, "dataset")
 
 

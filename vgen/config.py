@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 import yaml
 
 from vgen.errors import ConfigError
+from vgen.manifest import read_yaml
 
 T = TypeVar("T")
 _MISSING = dataclasses.MISSING
@@ -215,20 +216,8 @@ def from_dict(cls: type[T], data: dict, *, source: str = "<config>", overrides: 
 
 def load_config(cls: type[T], path: str | Path, overrides: Sequence[str] = ()) -> T:
     """Read a YAML config file, apply `--set` overrides and build a checked `cls`."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read config: {e}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
-    return from_dict(cls, {} if data is None else data, source=str(path), overrides=overrides)
+    data = read_yaml(path, "config file", ConfigError)
+    return from_dict(cls, {} if data is None else data, source=str(Path(path)), overrides=overrides)
 
 
 def to_dict(instance: Any) -> Any:

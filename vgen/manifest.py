@@ -19,7 +19,7 @@ import yaml
 
 from vgen import __version__
 from vgen.atomic import atomic_write_text
-from vgen.errors import ManifestError
+from vgen.errors import ManifestError, VgenError
 
 SCHEMA_VERSION = 1
 
@@ -33,6 +33,23 @@ def sha256_file(path: str | os.PathLike) -> str:
         while chunk := f.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_yaml(path: str | os.PathLike, what: str, error: type[VgenError]) -> Any:
+    """`yaml.safe_load` a file; problems become `error` naming the file (and line, for syntax)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{path}: no such file (expected a {what})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"{path}: cannot read {what}: {e}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise error(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
 
 
 def write_manifest(path: str | os.PathLike, kind: str, body: Mapping[str, Any]) -> dict:
@@ -56,16 +73,7 @@ def read_manifest(
     path = Path(path)
     if path.is_dir():
         raise ManifestError(f"{path} is a directory; expected a {kind} manifest file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ManifestError(f"{path}: no such file (expected a {kind} manifest)") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ManifestError(f"{path}: cannot read manifest: {e}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ManifestError(f"{path}: not valid YAML: {e}") from None
+    data = read_yaml(path, f"{kind} manifest", ManifestError)
     if not isinstance(data, dict):
         raise ManifestError(f"{path}: expected a YAML mapping at the top level, got {type(data).__name__}")
     schema = data.get("schema")
