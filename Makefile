@@ -48,10 +48,16 @@ system-deps:
 test: setup
 	$(PY) -m pytest -q
 
+# Each stage is skipped when its artifact is complete; training resumes when it was interrupted.
 demo: setup
 	@test -d $(DEMO_DIR)/raw || $(VGEN) data emoji-scenes $(DEMO_DIR)/raw --count $(DEMO_COUNT) --seed 0
-	$(VGEN) preprocess $(DEMO_DIR)/raw -o $(DEMO_DIR)/dataset --resolution $(DEMO_RESOLUTION) --overwrite
-	@echo "dataset: $(DEMO_DIR)/dataset/dataset.yaml"
+	@test -f $(DEMO_DIR)/dataset/dataset.yaml || \
+	  $(VGEN) preprocess $(DEMO_DIR)/raw -o $(DEMO_DIR)/dataset --resolution $(DEMO_RESOLUTION)
+	$(VGEN) train --config configs/clip-tiny.yaml --data $(DEMO_DIR)/dataset --out $(DEMO_DIR)/text-encoder
+	$(VGEN) train --config configs/tiny-cpu.yaml --data $(DEMO_DIR)/dataset --out $(DEMO_DIR)/model \
+	  --set text_encoder.source=run:$(DEMO_DIR)/text-encoder
+	@echo "text encoder: $(DEMO_DIR)/text-encoder/run.yaml"
+	@echo "generator:    $(DEMO_DIR)/model/run.yaml (sample grids in $(DEMO_DIR)/model/samples/)"
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

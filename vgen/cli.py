@@ -126,6 +126,28 @@ def preprocess(
     run_preprocess(raw_dir, out, options)
 
 
+@app.command()
+def train(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Training config YAML (see configs/).")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="Dataset directory made by `vgen preprocess`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory; an existing run is resumed.")],
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key, e.g. --set train.steps=500 (repeatable).")] = None,
+) -> None:
+    """Train a model (kind flow: text-to-image generator; kind clip: contrastive text encoder).
+
+    Running the same command again resumes from the newest valid checkpoint. Ctrl-C (or SIGTERM)
+    saves a checkpoint and exits. Multi-process: torchrun --nproc_per_node N -m vgen train ...
+
+    Example: vgen train --config configs/tiny-cpu.yaml --data ds --out runs/tiny --set train.steps=2000
+    """
+    from vgen.config import load_config
+    from vgen.train.config import TrainConfig
+    from vgen.train.loop import train as run_training
+
+    cfg = load_config(TrainConfig, config, overrides or ())
+    run_training(cfg, data, out)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: runs the app and turns errors into messages and exit codes."""
     try:

@@ -1,0 +1,1 @@
+"""Networks only (nn.Modules): they know tensors, never files or configs on disk."""

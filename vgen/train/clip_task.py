@@ -1,0 +1,96 @@
+"""Kind `clip`: contrastive image-text training of a small open_clip model on the dataset itself
+(Radford et al., "Learning Transferable Visual Models From Natural Language Supervision", 2021).
+
+This is the offline text encoder of the embedded default: its text tower later conditions the
+generator, and its image tower gives a feature space for evaluation. The result is exported in
+open_clip's own `local-dir` format, so `open_clip.create_model("local-dir:RUN/export")` loads it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vgen.train.config import TrainConfig
+from vgen.train.distributed import all_gather_with_grad
+from vgen.train.randomness import STREAM_CAPTION, mix_seed
+
+EXPORT_DIR = "export"
+# open_clip's OPENAI_DATASET_MEAN / STD, recorded in the exported preprocess config.
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ClipTask:
+    kind = "clip"
+
+    def __init__(self, cfg: TrainConfig, resolution: int, device: torch.device):
+        import open_clip
+
+        self.cfg, self.device = cfg, device
+        self.model_cfg = cfg.clip.model_cfg(resolution)
+        self.model = open_clip.CLIP(**self.model_cfg).to(device)
+        self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=cfg.clip.context_length)
+        self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+
+    def shared_modules(self) -> list:
+        return []
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.to(self.device).float() / 255.0 - self.mean) / self.std
+
+    def make_batch(self, dataset, order, step: int, indices: list[int]) -> dict:
+        seed = self.cfg.train.seed
+        items = [dataset.item(order(g), caption_seed=mix_seed(seed, STREAM_CAPTION, g)) for g in indices]
+        return {
+            "images": self.normalize(torch.stack([it["image"] for it in items])),
+            "tokens": self.tokenizer([it["caption"] for it in items]).to(self.device),
+        }
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        """Symmetric InfoNCE over the GLOBAL batch: features are gathered from every process (with
+        gradients), so the loss does not depend on how the batch is split. Every process computes
+        the same loss; the gather's backward sums the W identical gradients and DDP divides by W."""
+        image_features, text_features, logit_scale = model(batch["images"], batch["tokens"])
+        image_features = all_gather_with_grad(image_features.float())
+        text_features = all_gather_with_grad(text_features.float())
+        logits = logit_scale.float() * image_features @ text_features.T
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+    @torch.no_grad()
+    def retrieval(self, model, dataset, count: int, autocast) -> dict:
+        """Top-1/top-5 retrieval between the first `count` images and their first captions. A hit is a
+        retrieved item with the same caption text (emoji captions repeat across images)."""
+        n = min(count, len(dataset))
+        if n == 0:
+            return {}
+        captions = [dataset.captions[i][0] if dataset.captions[i] else "" for i in range(n)]
+        images = torch.stack([dataset.image(i) for i in range(n)])
+        with autocast():
+            img = F.normalize(model.encode_image(self.normalize(images)).float(), dim=-1)
+            txt = F.normalize(model.encode_text(self.tokenizer(captions).to(self.device)).float(), dim=-1)
+        sim = img @ txt.T
+        same = torch.tensor([[a == b for b in captions] for a in captions], device=sim.device)
+        out = {}
+        for name, scores in (("image_to_text", sim), ("text_to_image", sim.T)):
+            top = scores.topk(min(5, n), dim=1).indices
+            hits = same.gather(1, top)
+            out[f"{name}_top1"] = hits[:, 0].float().mean().item()
+            out[f"{name}_top5"] = hits.any(dim=1).float().mean().item()
+        return out
+
+    def validate(self, model, ema, dataset, count: int, autocast) -> dict:
+        return {f"val_{k}": v for k, v in self.retrieval(ema, dataset, count, autocast).items()}
+
+    def write_samples(self, model, path: Path, autocast) -> None:
+        pass  # a contrastive model has nothing to draw
+
+    def export(self, run_dir: Path, ema_model) -> dict:
+        from vgen.text.sources import save_open_clip_local_dir
+
+        save_open_clip_local_dir(ema_model, self.model_cfg, run_dir / EXPORT_DIR)
+        return {"format": "open_clip-local-dir", "path": EXPORT_DIR}

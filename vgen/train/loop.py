@@ -1,0 +1,316 @@
+"""The training loop shared by every kind of model.
+
+A *task* (FlowTask, ClipTask) owns what differs between kinds: the model, how a batch is made from
+global sample indices, the loss, validation, sample grids and the export. Everything else lives
+here once: AdamW with warm-up + cosine, gradient clipping, EMA, bf16 autocast, optional
+torch.compile, DDP, checkpoints with automatic resume, signals, non-finite losses, metrics.jsonl,
+run.yaml and the progress display.
+
+Progress is counted in optimizer steps of one global batch; `images_seen = step * batch_size`.
+Sample `g` of the run (a global index) is drawn, noised and captioned only from (seed, g), so a
+resumed run replays exactly the samples the uninterrupted run would have seen, whatever the number
+of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from vgen.config import to_dict
+from vgen.data.dataset import ImageCaptionDataset, dataset_sha256
+from vgen.errors import ConfigError, VgenError
+from vgen.manifest import read_manifest, sha256_file, write_manifest
+from vgen.train import checkpoint as ckpt
+from vgen.train.config import TrainConfig
+from vgen.train.distributed import Distributed, all_reduce, barrier, init_distributed, shutdown
+from vgen.train.ema import ema_decay, make_ema, update_ema
+from vgen.train.precision import autocast_factory, choose_precision, enable_tf32
+from vgen.train.randomness import SampleOrder
+from vgen.train.schedule import learning_rate
+from vgen.ui import console
+
+RUN_MANIFEST = "run.yaml"
+METRICS_FILE = "metrics.jsonl"
+# Settings that may change between a run and its resumption without changing what is trained.
+RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                     "train.sample_every", "train.val_every", "train.val_images", "train.compile"}
+
+
+def build_task(cfg: TrainConfig, resolution: int, device: torch.device):
+    if cfg.kind == "flow":
+        from vgen.train.flow_task import FlowTask
+
+        return FlowTask(cfg, resolution, device)
+    from vgen.train.clip_task import ClipTask
+
+    return ClipTask(cfg, resolution, device)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def _check_same_config(run_dir: Path, resolved: dict) -> None:
+    """Refuse to resume a run dir with a different config: the result would be neither run."""
+    previous = read_manifest(run_dir / RUN_MANIFEST, "run", required=("config",))["config"]
+    old, new = _flatten(previous), _flatten(resolved)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+    if changed:
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
+        raise ConfigError(f"{run_dir} holds a run with a different config ({details}); "
+                          "use a new --out directory, or the same config to resume")
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms and embeddings (1-D tensors), as in GPT-2/nanoGPT."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the end of the step and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        console.print(f"[yellow]{signal.Signals(signum).name}: saving a checkpoint, then stopping[/]")
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class _Metrics:
+    """metrics.jsonl: one JSON object per line; on resume, lines past the checkpoint are dropped so
+    the file reads as one uninterrupted run."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, row: dict) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def train(cfg: TrainConfig, data_dir: Path, run_dir: Path) -> dict:
+    """Train (or resume) a run of `cfg` on the dataset at `data_dir` into `run_dir`."""
+    dist = init_distributed(cfg.train.device)
+    try:
+        return _train(cfg, Path(data_dir), Path(run_dir), dist)
+    finally:
+        shutdown(dist)
+
+
+def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, dist: Distributed) -> dict:
+    loop, device = cfg.train, dist.device
+    if loop.batch_size % dist.world_size:
+        raise ConfigError(f"train.batch_size {loop.batch_size} is not divisible by the {dist.world_size} processes")
+    local_batch = loop.batch_size // dist.world_size
+    resolved = to_dict(cfg)
+    train_set = ImageCaptionDataset(data_dir, "train")
+    val_set = ImageCaptionDataset(data_dir, "val")
+    if len(val_set) == 0:
+        val_set = train_set
+    if (run_dir / RUN_MANIFEST).exists():
+        _check_same_config(run_dir, resolved)
+    enable_tf32(device)
+
+    torch.manual_seed(loop.seed)  # the initial weights; DDP broadcasts rank 0's anyway
+    task = build_task(cfg, train_set.resolution, device)
+    model = task.model
+    ema = make_ema(model, share=task.shared_modules())
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+
+    start_step, nonfinite, precision = 0, 0, None
+    if dist.is_main and (run_dir / ckpt.CHECKPOINT_DIR).is_dir():
+        for partial in (run_dir / ckpt.CHECKPOINT_DIR).glob(".*.partial-*"):  # left by a killed run
+            shutil.rmtree(partial, ignore_errors=True)
+    barrier()
+    found = ckpt.latest_checkpoint(run_dir, warn=lambda m: console.print(f"[yellow]{m}[/]"))
+    if found is not None:
+        path, state = found
+        model.load_state_dict(ckpt.load_tensors(path, "model", device))
+        ema.load_state_dict(ckpt.load_tensors(path, "ema", device))
+        ckpt.load_optimizer_tensors(optimizer, ckpt.load_tensors(path, "optimizer", device), state["optimizer_groups"])
+        start_step, nonfinite, precision = state["step"], state["nonfinite"], state["precision"]
+        if dist.is_main:
+            console.print(f"resuming from {path} (step {start_step}, {state['images_seen']:,} images seen)")
+    precision = precision or choose_precision(loop.precision, device, getattr(cfg.flow.network, "width", 256))
+    autocast = autocast_factory(device, precision)
+
+    wrapped = model
+    if dist.enabled:
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if loop.compile:
+        wrapped = torch.compile(wrapped)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    order = SampleOrder(loop.seed, len(train_set))
+
+    def manifest(status: str, step: int, export: dict | None = None) -> None:
+        if not dist.is_main:
+            return
+        body = {
+            "train_kind": cfg.kind,
+            "status": status,
+            "config": resolved,
+            "dataset": {"path": str(data_dir.resolve()), "manifest_sha256": dataset_sha256(data_dir),
+                        "resolution": train_set.resolution, "train_images": len(train_set)},
+            "environment": {"torch": str(torch.__version__), "python": platform.python_version(),
+                            "device": str(device), "world_size": dist.world_size, "precision": precision,
+                            "threads": torch.get_num_threads()},
+            "progress": {"step": step, "steps": loop.steps, "images_seen": step * loop.batch_size,
+                         "nonfinite_skipped": nonfinite},
+            "checkpoints": [{"step": int(p.name.split("-")[1]), "path": str(p.relative_to(run_dir)),
+                             "sha256": sha256_file(p / "checkpoint.yaml")} for p in ckpt.list_checkpoints(run_dir)],
+        }
+        if export:
+            body["export"] = export
+        write_manifest(run_dir / RUN_MANIFEST, "run", body)
+
+    def save(step: int) -> None:
+        if dist.is_main:
+            tensors, groups = ckpt.optimizer_tensors(optimizer)
+            state = {"images_seen": step * loop.batch_size, "nonfinite": nonfinite, "precision": precision,
+                     "optimizer_groups": groups}
+            ckpt.save_checkpoint(run_dir, step, {"model": model.state_dict(), "ema": ema.state_dict(),
+                                                 "optimizer": tensors}, state, loop.keep_checkpoints)
+            manifest("running", step)
+        barrier()
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "samples").mkdir(exist_ok=True)
+    manifest("running", start_step)
+    metrics = _Metrics(run_dir / METRICS_FILE, start_step) if dist.is_main else None
+    if dist.is_main:
+        n_params = sum(p.numel() for p in trainable)
+        console.print(f"training {cfg.kind}: {n_params / 1e6:.2f}M trainable parameters, {len(train_set):,} "
+                      f"images, batch {loop.batch_size} on {dist.world_size} x {device}, {precision}")
+
+    step = start_step
+    window_start, window_images, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
+    with _StopRequest() as stop, _progress(dist.is_main, start_step, loop.steps) as progress:
+        while step < loop.steps:
+            lr = learning_rate(step, loop.steps, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            first = step * loop.batch_size + dist.rank * local_batch
+            batch = task.make_batch(train_set, order, step, list(range(first, first + local_batch)))
+            with autocast():
+                loss = task.loss(wrapped, batch)
+            finite = bool(all_reduce(torch.isfinite(loss.detach()).logical_not().float(), "max").item() == 0)
+            grad_norm = torch.tensor(float("nan"))
+            if finite:
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
+                finite = bool(torch.isfinite(grad_norm))
+            if finite:
+                window_loss, window_steps = window_loss + loss.detach().float(), window_steps + 1
+                optimizer.step()
+                update_ema(ema, model, ema_decay(step, cfg.ema.decay, cfg.ema.warmup))
+            else:
+                nonfinite += 1
+                if dist.is_main:
+                    console.print(f"[yellow]step {step}: non-finite loss or gradient, step skipped "
+                                  f"({nonfinite} of at most {loop.max_nonfinite})[/]")
+                if nonfinite > loop.max_nonfinite:
+                    raise VgenError(f"{nonfinite} steps had a non-finite loss or gradient (limit train.max_nonfinite="
+                                    f"{loop.max_nonfinite}); lower optim.lr or check the data. The last good "
+                                    f"checkpoint is in {run_dir / ckpt.CHECKPOINT_DIR}")
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_images += loop.batch_size
+
+            if step % loop.log_every == 0 or step == loop.steps:
+                mean_loss = all_reduce(torch.as_tensor(window_loss / max(1, window_steps)), "mean").item()
+                elapsed = time.perf_counter() - window_start
+                rate = window_images / elapsed if elapsed > 0 else 0.0
+                if dist.is_main:
+                    metrics.write({"step": step, "images_seen": step * loop.batch_size, "loss": mean_loss,
+                                   "lr": lr, "grad_norm": float(grad_norm), "images_per_s": rate,
+                                   "nonfinite_skipped": nonfinite, "time": time.time()})
+                    progress(step, mean_loss, rate)
+                window_start, window_images, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
+            if dist.is_main and (step % loop.val_every == 0 or step == loop.steps):
+                val = task.validate(model, ema, val_set, loop.val_images, autocast)
+                metrics.write({"step": step, "images_seen": step * loop.batch_size, **val})
+            if dist.is_main and (step % loop.sample_every == 0 or step == loop.steps):
+                task.write_samples(ema, run_dir / "samples" / f"step-{step:08d}.png", autocast)
+            stop_now = bool(all_reduce(torch.tensor(float(stop.requested)), "max").item())
+            if step % loop.checkpoint_every == 0 or step == loop.steps or stop_now:
+                save(step)
+            if stop_now:
+                break
+
+    if metrics:
+        metrics.close()
+    done = step >= loop.steps
+    export = None
+    if dist.is_main and done:
+        export = task.export(run_dir, ema)
+    manifest("done" if done else "interrupted", step, export)
+    if dist.is_main:
+        console.print(f"[green]{'finished' if done else 'stopped'}[/] at step {step}; run: {run_dir}/{RUN_MANIFEST}")
+    return {"step": step, "done": done}
+
+
+class _progress:
+    """Rich live progress in steps with loss and images/s (main process only)."""
+
+    def __init__(self, enabled: bool, start: int, total: int):
+        self.enabled, self.start, self.total = enabled, start, total
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda *a: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:,.0f} img/s"),
+                            TextColumn("eta"), TimeRemainingColumn(), console=console)
+        if not console.is_terminal:  # a log file: a plain line every 30 s instead of a live bar
+            last = [0.0]
+
+            def log_line(step, loss, rate):
+                if time.monotonic() - last[0] >= 30 or step == self.total:
+                    last[0] = time.monotonic()
+                    console.print(f"step {step}/{self.total}  loss {loss:.4f}  {rate:,.0f} img/s", highlight=False)
+            return log_line
+        self.bar.__enter__()
+        task = self.bar.add_task("train", total=self.total, completed=self.start, loss=float("nan"), rate=0.0)
+        return lambda step, loss, rate: self.bar.update(task, completed=step, loss=loss, rate=rate)
+
+    def __exit__(self, *exc):
+        if self.enabled and console.is_terminal:
+            self.bar.__exit__(*exc)
