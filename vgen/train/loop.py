@@ -167,7 +167,11 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, dist: Distributed) -
         start_step, nonfinite, precision = state["step"], state["nonfinite"], state["precision"]
         if dist.is_main:
             console.print(f"resuming from {path} (step {start_step}, {state['images_seen']:,} images seen)")
-    precision = precision or choose_precision(loop.precision, device, getattr(cfg.flow.network, "width", 256))
+    if precision is None:
+        precision = choose_precision(loop.precision, device, cfg.flow.network.width)
+        # Every process must train in the same precision: bf16 only if all of them measured it faster.
+        bf16_everywhere = all_reduce(torch.tensor(float(precision != "bf16")), "max").item() == 0
+        precision = "bf16" if bf16_everywhere else "fp32"
     autocast = autocast_factory(device, precision)
 
     wrapped = model
