@@ -76,8 +76,21 @@ class Attention(nn.Module):
         k, v = self.kv(context).view(B, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
         # mask: [B, L] True for real tokens -> broadcast over heads and queries.
         attn_mask = None if mask is None else mask[:, None, None, :]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        y = attention(q, k, v, attn_mask)
         return self.out(y.transpose(1, 2).reshape(B, N, W))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v. On CUDA, PyTorch's fused kernels (flash / memory-efficient); on CPU
+    the plain matmul form, which measured faster for training at these sizes (bf16, 256 queries,
+    head dim 64: 1.3x for self-attention, 3.9x for cross-attention to 16 text tokens; the fused CPU
+    kernel's backward pass is slow)."""
+    if q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v
 
 
 class DiTBlock(nn.Module):
