@@ -13,9 +13,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import random
+
+from vgen.text.negatives import swap_content_words
 from vgen.train.config import TrainConfig
 from vgen.train.distributed import all_gather_with_grad
-from vgen.train.randomness import STREAM_CAPTION, mix_seed
+from vgen.train.randomness import STREAM_CAPTION, STREAM_SAMPLE, mix_seed
 
 EXPORT_DIR = "export"
 # open_clip's OPENAI_DATASET_MEAN / STD, recorded in the exported preprocess config.
@@ -45,21 +48,41 @@ class ClipTask:
     def make_batch(self, dataset, order, step: int, indices: list[int]) -> dict:
         seed = self.cfg.train.seed
         items = [dataset.item(order(g), caption_seed=mix_seed(seed, STREAM_CAPTION, g)) for g in indices]
-        return {
+        captions = [it["caption"] for it in items]
+        batch = {
             "images": self.normalize(torch.stack([it["image"] for it in items])),
-            "tokens": self.tokenizer([it["caption"] for it in items]).to(self.device),
+            "tokens": self.tokenizer(captions).to(self.device),
         }
+        if self.cfg.clip.hard_negatives:
+            # One negative per sample keeps shapes equal across processes; samples without one
+            # (fewer than two content words) repeat their caption and are masked out of the loss.
+            negatives = [swap_content_words(c, random.Random(mix_seed(seed, STREAM_SAMPLE, g)))
+                         for c, g in zip(captions, indices)]
+            batch["negative_tokens"] = self.tokenizer([n or c for n, c in zip(negatives, captions)]).to(self.device)
+            batch["negative_valid"] = torch.tensor([n is not None for n in negatives], device=self.device)
+        return batch
 
     def loss(self, model, batch: dict) -> torch.Tensor:
         """Symmetric InfoNCE over the GLOBAL batch: features are gathered from every process (with
         gradients), so the loss does not depend on how the batch is split. Every process computes
         the same loss; the gather's backward sums the W identical gradients and DDP divides by W."""
-        image_features, text_features, logit_scale = model(batch["images"], batch["tokens"])
+        tokens = batch["tokens"]
+        if "negative_tokens" in batch:
+            tokens = torch.cat([tokens, batch["negative_tokens"]])
+        image_features, text_features, logit_scale = model(batch["images"], tokens)
+        n = batch["images"].shape[0]
         image_features = all_gather_with_grad(image_features.float())
-        text_features = all_gather_with_grad(text_features.float())
-        logits = logit_scale.float() * image_features @ text_features.T
+        positives = all_gather_with_grad(text_features[:n].float())
+        logits = logit_scale.float() * image_features @ positives.T
         labels = torch.arange(logits.shape[0], device=logits.device)
-        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+        text_to_image = F.cross_entropy(logits.T, labels)
+        if "negative_tokens" in batch:  # image -> text also ranks every image's swapped caption
+            negatives = all_gather_with_grad(text_features[n:].float())
+            valid = all_gather_with_grad(batch["negative_valid"].float()) > 0
+            negative_logits = logit_scale.float() * image_features @ negatives.T
+            negative_logits = negative_logits.masked_fill(~valid[None, :], float("-inf"))
+            logits = torch.cat([logits, negative_logits], dim=1)
+        return 0.5 * (F.cross_entropy(logits, labels) + text_to_image)
 
     @torch.no_grad()
     def retrieval(self, model, dataset, count: int, autocast) -> dict:
@@ -81,6 +104,18 @@ class ClipTask:
             hits = same.gather(1, top)
             out[f"{name}_top1"] = hits[:, 0].float().mean().item()
             out[f"{name}_top5"] = hits.any(dim=1).float().mean().item()
+        # Word order (the ARO test of Yuksekgonul et al. 2023): how often an image scores its caption
+        # above the same words with two content words swapped. 0.5 is a bag-of-words encoder.
+        pairs = [(i, swapped) for i, c in enumerate(captions)
+                 if (swapped := swap_content_words(c, random.Random(i))) is not None]
+        if pairs:
+            with autocast():
+                swapped_txt = model.encode_text(self.tokenizer([s for _, s in pairs]).to(self.device))
+            swapped_txt = F.normalize(swapped_txt.float(), dim=-1)
+            rows = torch.tensor([i for i, _ in pairs], device=sim.device)
+            true_scores = sim[rows, rows]
+            swapped_scores = (img[rows] * swapped_txt).sum(dim=-1)
+            out["word_order_accuracy"] = (true_scores > swapped_scores).float().mean().item()
         return out
 
     def validate(self, model, ema, dataset, count: int, autocast) -> dict:

@@ -79,6 +79,12 @@ class ClipConfig:
     text_layers: int = 4
     text_heads: int = 4
     context_length: int = 32
+    # NegCLIP-style hard negatives (Yuksekgonul et al. 2023): each caption with two of its content
+    # words swapped ("a dog above a cat" for "a cat above a dog") is an extra negative text for its
+    # image, pushing the text tower to encode word order. Off by default until it pays for its 20%
+    # longer steps: on emoji scenes (clip-tiny, 250 steps) it raised val_word_order_accuracy from
+    # 0.67 to 0.79, but preferring "a cat above a dog" over "a dog above a cat" only from 0.48 to 0.54.
+    hard_negatives: bool = False
 
     def model_cfg(self, image_size: int) -> dict:
         """The open_clip model config (the `model_cfg` of open_clip_config.json)."""

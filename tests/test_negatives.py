@@ -1,0 +1,44 @@
+import random
+
+import torch
+
+from vgen.text.negatives import swap_content_words
+
+
+def test_swaps_two_content_words_and_keeps_the_bag_of_words():
+    rng = random.Random(0)
+    assert swap_content_words("a cat above a dog", rng) == "a dog above a cat"
+    for caption in ["a cat to the left of a dog", "an apple below a car", "two fish"]:
+        swapped = swap_content_words(caption, rng)
+        assert swapped != caption and sorted(swapped.split()) == sorted(caption.split())
+
+
+def test_no_negative_without_two_different_content_words():
+    rng = random.Random(0)
+    assert swap_content_words("a cat", rng) is None
+    assert swap_content_words("red", rng) is None
+    assert swap_content_words("a cat and a cat", rng) is None
+
+
+def test_clip_loss_ranks_the_swapped_caption_as_a_negative(tmp_path):
+    """With hard negatives the image->text softmax includes each image's swapped caption, so the
+    loss is larger than without them whenever the swapped caption scores close to the true one."""
+    from vgen.config import from_dict
+    from vgen.train.clip_task import ClipTask
+    from vgen.train.config import TrainConfig
+
+    small = {"embed_dim": 16, "patch_size": 8, "vision_width": 16, "vision_layers": 1, "vision_head_width": 8,
+             "text_width": 16, "text_layers": 1, "text_heads": 2, "context_length": 12}
+    losses = {}
+    for hard in (False, True):
+        cfg = from_dict(TrainConfig, {"kind": "clip", "clip": {**small, "hard_negatives": hard}})
+        torch.manual_seed(0)
+        task = ClipTask(cfg, 16, torch.device("cpu"))
+        captions = ["a cat above a dog", "a dog above a cat", "a fish", "a car below a bus"]
+        batch = {"images": torch.randn(4, 3, 16, 16), "tokens": task.tokenizer(captions)}
+        if hard:
+            negatives = [swap_content_words(c, random.Random(i)) for i, c in enumerate(captions)]
+            batch["negative_tokens"] = task.tokenizer([n or c for n, c in zip(negatives, captions)])
+            batch["negative_valid"] = torch.tensor([n is not None for n in negatives])
+        losses[hard] = task.loss(task.model, batch).item()
+    assert losses[True] > losses[False]
