@@ -255,3 +255,18 @@ def test_gpu_config_builds_and_steps_at_tiny_size(assets, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     cfg = yaml.safe_load((out / "run.yaml").read_text())["config"]
     assert cfg["train"]["precision"] == "bf16" and cfg["ema"]["decay"] == 0.9999
+
+
+def test_compile_keeps_checkpoint_format_and_numbers(assets, tmp_path):
+    """train.compile=true compiles the denoiser in place: same parameter names, nearly same weights."""
+    sets = [*TINY_FLOW, f"text_encoder.source=local-dir:{assets['text']}", "train.steps=3",
+            "train.checkpoint_every=3", "train.val_every=100", "train.sample_every=100"]
+    config = write_config(tmp_path / "c.yaml", sets)
+    plain, compiled = tmp_path / "plain", tmp_path / "compiled"
+    assert run(vgen_train_cmd(config, assets["data"], plain)).returncode == 0
+    result = run(vgen_train_cmd(config, assets["data"], compiled, "train.compile=true"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = final_weights(plain), final_weights(compiled)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5), k

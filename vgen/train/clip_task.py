@@ -39,6 +39,9 @@ class ClipTask:
         self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
 
+    def compile(self) -> None:
+        self.model.compile()
+
     def shared_modules(self) -> list:
         return []
 

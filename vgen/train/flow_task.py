@@ -35,6 +35,10 @@ class FlowTask:
         encoder = load_text_encoder(cfg.text_encoder).to(device)
         self.model = TextToImageFlow(DiT(net, encoder.width, encoder.embed_dim), encoder).to(device)
 
+    def compile(self) -> None:
+        """torch.compile the denoiser only: tokenizing and the text cache are Python, not graphs."""
+        self.model.network.compile()
+
     def shared_modules(self) -> list:
         """Objects the EMA copy must share rather than copy (the frozen text encoder)."""
         return [] if self.model.trains_text else [self.model.text_encoder]

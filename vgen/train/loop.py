@@ -174,11 +174,11 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, dist: Distributed) -
         precision = "bf16" if bf16_everywhere else "fp32"
     autocast = autocast_factory(device, precision)
 
+    if loop.compile:
+        task.compile()  # in place: parameter names (and so checkpoints) do not change
     wrapped = model
     if dist.enabled:
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if loop.compile:
-        wrapped = torch.compile(wrapped)
     trainable = [p for p in model.parameters() if p.requires_grad]
     order = SampleOrder(loop.seed, len(train_set))
 
