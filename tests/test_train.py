@@ -33,6 +33,18 @@ TINY_FLOW = [
 ]
 
 
+def flow_sets(assets, steps: int, checkpoint_every: int | None = None, every: int = 100000) -> list[str]:
+    """The tiny flow config with the tests' text encoder, `steps` steps, validation and samples
+    every `every` steps and checkpoints every `checkpoint_every` (default: only at the end)."""
+    return [*TINY_FLOW, f"text_encoder.source=local-dir:{assets['text']}", f"train.steps={steps}",
+            f"train.checkpoint_every={checkpoint_every or steps}", f"train.val_every={every}",
+            f"train.sample_every={every}"]
+
+
+def child_env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("train-assets")
@@ -57,8 +69,7 @@ def vgen_train_cmd(config: Path, data: Path, out: Path, *sets: str, torchrun: in
 
 
 def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env(), cwd=REPO)
 
 
 def final_weights(run_dir: Path, stem: str = "model") -> dict[str, torch.Tensor]:
@@ -97,16 +108,14 @@ def test_flow_learns_colour_names(assets, tmp_path):
 
 
 def test_resume_after_sigkill_is_bit_identical(assets, tmp_path):
-    sets = [*TINY_FLOW, f"text_encoder.source=local-dir:{assets['text']}", "train.steps=40",
-            "train.checkpoint_every=5", "train.val_every=20", "train.sample_every=100"]
+    sets = flow_sets(assets, 40, checkpoint_every=5, every=20)
     config = write_config(tmp_path / "c.yaml", sets)
     straight = tmp_path / "straight"
     assert run(vgen_train_cmd(config, assets["data"], straight)).returncode == 0
 
     killed = tmp_path / "killed"
     cmd = vgen_train_cmd(config, assets["data"], killed)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=child_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and len(list_checkpoints(killed)) < 2:
         time.sleep(0.05)
@@ -127,8 +136,7 @@ def test_resume_after_sigkill_is_bit_identical(assets, tmp_path):
 
 
 def test_torchrun_two_processes_match_one(assets, tmp_path):
-    sets = [*TINY_FLOW, f"text_encoder.source=local-dir:{assets['text']}", "train.steps=12",
-            "train.checkpoint_every=12", "train.val_every=100", "train.sample_every=100"]
+    sets = flow_sets(assets, 12)
     config = write_config(tmp_path / "c.yaml", sets)
     one, two = tmp_path / "one", tmp_path / "two"
     assert run(vgen_train_cmd(config, assets["data"], one)).returncode == 0
@@ -142,12 +150,10 @@ def test_torchrun_two_processes_match_one(assets, tmp_path):
 
 
 def test_sigterm_checkpoints_and_exits_0(assets, tmp_path):
-    sets = [*TINY_FLOW, f"text_encoder.source=local-dir:{assets['text']}", "train.steps=100000",
-            "train.checkpoint_every=100000", "train.val_every=100000", "train.sample_every=100000"]
+    sets = flow_sets(assets, 100000)
     config = write_config(tmp_path / "c.yaml", sets)
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(vgen_train_cmd(config, assets["data"], out), env=env, cwd=REPO,
+    proc = subprocess.Popen(vgen_train_cmd(config, assets["data"], out), env=child_env(), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size):
@@ -178,8 +184,7 @@ def test_config_errors_exit_2(assets, tmp_path, vgen_cli):
 
 
 def test_changed_config_refuses_to_resume(assets, tmp_path, vgen_cli):
-    sets = [*TINY_FLOW, f"text_encoder.source=local-dir:{assets['text']}", "train.steps=2",
-            "train.checkpoint_every=2", "train.val_every=100", "train.sample_every=100"]
+    sets = flow_sets(assets, 2)
     config = write_config(tmp_path / "c.yaml", sets)
     args = ("train", "--config", config, "--data", assets["data"], "--out", tmp_path / "r")
     assert vgen_cli(*args).exit_code == 0
@@ -203,8 +208,7 @@ def test_nonfinite_steps_are_skipped_then_stop(assets, tmp_path, monkeypatch):
         return loss * float("nan") if calls["n"] in (3, 4) or calls["n"] > 8 else loss
 
     monkeypatch.setattr(FlowTask, "loss", sometimes_nan)
-    sets = [*TINY_FLOW, f"text_encoder.source=local-dir:{assets['text']}", "train.steps=20", "train.max_nonfinite=3",
-            "train.checkpoint_every=5", "train.val_every=100", "train.sample_every=100"]
+    sets = [*flow_sets(assets, 20, checkpoint_every=5), "train.max_nonfinite=3"]
     cfg = load_config(TrainConfig, write_config(tmp_path / "c.yaml", sets))
     with pytest.raises(VgenError, match="non-finite"):
         loop.train(cfg, assets["data"], tmp_path / "r")
@@ -259,8 +263,7 @@ def test_gpu_config_builds_and_steps_at_tiny_size(assets, tmp_path):
 
 def test_compile_keeps_checkpoint_format_and_numbers(assets, tmp_path):
     """train.compile=true compiles the denoiser in place: same parameter names, nearly same weights."""
-    sets = [*TINY_FLOW, f"text_encoder.source=local-dir:{assets['text']}", "train.steps=3",
-            "train.checkpoint_every=3", "train.val_every=100", "train.sample_every=100"]
+    sets = flow_sets(assets, 3)
     config = write_config(tmp_path / "c.yaml", sets)
     plain, compiled = tmp_path / "plain", tmp_path / "compiled"
     assert run(vgen_train_cmd(config, assets["data"], plain)).returncode == 0
