@@ -220,3 +220,11 @@ def test_load_config_file_errors(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert "missing required key 'name'" in error_of(load_config, Root, empty)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    from vgen.train.config import TrainConfig
+
+    cfg = load_config(TrainConfig, path)
+    assert cfg.kind in ("flow", "clip")

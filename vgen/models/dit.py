@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+MAX_TEXT_TOKENS = 77  # CLIP's context length, the longest text a DiT may be conditioned on
+
 
 @dataclass
 class DiTConfig:
@@ -28,6 +30,7 @@ class DiTConfig:
     depth: int = 6
     heads: int = 4
     mlp_ratio: float = 4.0
+    text_refiner_layers: int = 0  # bidirectional transformer layers over the text tokens (0: none)
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -93,6 +96,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return scores.softmax(dim=-1) @ v
 
 
+class TextRefinerBlock(nn.Module):
+    """Pre-norm bidirectional self-attention + MLP over the text tokens, trained with the generator."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=1e-6)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(approximate="tanh"), nn.Linear(4 * width, width))
+
+    def forward(self, x, mask):
+        x = x + self.attn(self.norm1(x), None, mask)
+        return x + self.mlp(self.norm2(x))
+
+
 class DiTBlock(nn.Module):
     """adaLN-Zero self-attention, cross-attention to the text tokens, and an MLP."""
 
@@ -129,6 +147,10 @@ class DiT(nn.Module):
         self.register_buffer("pos", sincos_2d(W, self.grid)[None], persistent=False)
         self.time_mlp = nn.Sequential(nn.Linear(W, W), nn.SiLU(), nn.Linear(W, W))
         self.pooled_proj = nn.Sequential(nn.LayerNorm(pooled_width), nn.Linear(pooled_width, W))
+        if cfg.text_refiner_layers:
+            self.text_pos = nn.Parameter(torch.randn(MAX_TEXT_TOKENS, text_width) * 0.02)
+            heads = max(1, text_width // 64)
+            self.text_refiner = nn.ModuleList(TextRefinerBlock(text_width, heads) for _ in range(cfg.text_refiner_layers))
         self.blocks = nn.ModuleList(DiTBlock(W, cfg.heads, cfg.mlp_ratio, text_width) for _ in range(cfg.depth))
         self.norm_out = nn.LayerNorm(W, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Linear(W, 2 * W)
@@ -149,8 +171,27 @@ class DiT(nn.Module):
         x = x.reshape(B, g, g, C, p, p).permute(0, 3, 1, 4, 2, 5)
         return x.reshape(B, C, g * p, g * p)
 
+    def refine_text(self, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """The text tokens the blocks cross-attend to: unchanged, or rewritten by the refiner.
+
+        A causal text tower (CLIP's) gives the first noun of "a cat above a dog" no view of
+        "above": only later tokens know the relation, so which object goes on top must be routed
+        through two cross-attention hops. A few bidirectional layers with learned positions,
+        trained with the generator, let every token see the whole caption first (the "context
+        refiner" of Lumina-Image 2.0, Qin et al. 2025). Measured on emoji scenes: without it the
+        generator placed the two objects of "above"/"below" prompts in random order even after
+        5,000 steps; with it, in the named order (bench/RESULTS.md).
+        """
+        if not self.cfg.text_refiner_layers:
+            return text
+        text = text + self.text_pos[: text.shape[1]].to(text.dtype)
+        for block in self.text_refiner:
+            text = block(text, text_mask)
+        return text
+
     def forward(self, x, t, text, text_mask, pooled):
         h = self.patch(self.patchify(x)) + self.pos
+        text = self.refine_text(text, text_mask)
         cond = self.time_mlp(timestep_embedding(t, self.cfg.width).to(h.dtype)) + self.pooled_proj(pooled)
         for block in self.blocks:
             h = block(h, cond, text, text_mask)
