@@ -49,6 +49,7 @@ test: setup
 	$(PY) -m pytest -q
 
 # Each stage is skipped when its artifact is complete; training resumes when it was interrupted.
+# The samples are always drawn again (seconds), replacing the previous ones (--overwrite).
 demo: setup
 	@test -d $(DEMO_DIR)/raw || $(VGEN) data emoji-scenes $(DEMO_DIR)/raw --count $(DEMO_COUNT) --seed 0
 	@test -f $(DEMO_DIR)/dataset/dataset.yaml || \
@@ -58,6 +59,8 @@ demo: setup
 	  --set text_encoder.source=run:$(DEMO_DIR)/text-encoder
 	@echo "text encoder: $(DEMO_DIR)/text-encoder/run.yaml"
 	@echo "generator:    $(DEMO_DIR)/model/run.yaml (sample grids in $(DEMO_DIR)/model/samples/)"
+	$(VGEN) generate "a cat and a dog" --run $(DEMO_DIR)/model -n 8 --out $(DEMO_DIR)/samples --grid --overwrite
+	@echo "samples:      $(DEMO_DIR)/samples/ (grid.png, one PNG per image, generation.yaml)"
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -96,7 +96,7 @@ def load_open_clip(cfg: TextEncoderConfig) -> LoadedClip:
     model_cfg = _arch_config(cfg.arch)
     if source == RANDOM_SOURCE:
         return _load_random(cfg.arch, model_cfg)
-    if _looks_like_path(source):
+    if looks_like_path(source):
         return _load_file(cfg.arch, model_cfg, Path(source))
     return _load_pretrained_tag(cfg, model_cfg)
 
@@ -127,7 +127,7 @@ def _arch_config(arch: str) -> dict:
     return model_cfg
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
     # Tags are short identifiers (letters, digits, '_', '-'); anything with a path separator or a
     # file suffix is meant as a file, so a typo in a path is reported as a missing file, not a tag.
     return "/" in source or os.sep in source or source.endswith((".safetensors", ".bin", ".pt", ".pth"))

@@ -108,10 +108,10 @@ def latest_checkpoint(run_dir: Path, warn=print) -> tuple[Path, dict] | None:
     return None
 
 
-def resolve_checkpoint(run_dir: Path, which: str | int = "latest") -> tuple[Path, dict]:
+def resolve_checkpoint(run_dir: Path, which: str | int = "latest", warn=print) -> tuple[Path, dict]:
     """`latest` or a step number -> (path, state); a clear error when there is none."""
     if which == "latest":
-        found = latest_checkpoint(run_dir)
+        found = latest_checkpoint(run_dir, warn=warn)
         if found is None:
             raise ManifestError(f"{run_dir}: no valid checkpoint under {CHECKPOINT_DIR}/")
         return found

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from vgen.diffusion.flow import flow_loss, interpolate, logit_normal_t
-from vgen.diffusion.samplers import classifier_free_guidance, sample_euler, time_grid
+from vgen.generate import sample_images
 from vgen.grid import make_grid, to_uint8
 from vgen.models.dit import DiT
 from vgen.models.flow_model import TextToImageFlow
@@ -92,22 +92,12 @@ class FlowTask:
             total += flow_loss(v, x0, noise).sum().item()
         return total / n
 
-    @torch.no_grad()
     def sample(self, model, prompts: list[str], seeds: list[int], steps: int, guidance: float, autocast) -> torch.Tensor:
-        """Images [N, 3, H, W] in [-1, 1] for prompt i with seed i, Euler + classifier-free guidance."""
+        """Images [N, 3, H, W] in [-1, 1] for prompt i with seed i, Euler + classifier-free guidance:
+        the same function as `vgen generate`, so a training grid and a generation agree."""
         net = self.cfg.flow.network
-        x = torch.stack([torch.randn(net.channels, net.image_size, net.image_size, generator=generator(s))
-                         for s in seeds]).to(self.device)
-        cond, uncond = model.encode_text(prompts), model.encode_text([""] * len(prompts))
-
-        def with_text(text):
-            def denoise(x, t):
-                with autocast():
-                    return model.velocity(x, t, text).float()
-            return denoise
-
-        denoiser = classifier_free_guidance(with_text(cond), with_text(uncond), guidance)
-        return sample_euler(denoiser, x, time_grid(steps, device=self.device))
+        return sample_images(model, prompts, seeds, (net.channels, net.image_size, net.image_size), steps=steps,
+                             guidance=guidance, sampler="euler", autocast=autocast, device=self.device)
 
     def write_samples(self, model, path: Path, autocast) -> None:
         flow = self.cfg.flow

@@ -193,7 +193,9 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, dist: Distributed) -
                         "resolution": train_set.resolution, "train_images": len(train_set)},
             "environment": {"torch": str(torch.__version__), "python": platform.python_version(),
                             "device": str(device), "world_size": dist.world_size, "precision": precision,
-                            "threads": torch.get_num_threads()},
+                            "threads": torch.get_num_threads(),
+                            # relative paths in the config (text_encoder.source) are relative to this
+                            "cwd": str(Path.cwd())},
             "progress": {"step": step, "steps": loop.steps, "images_seen": step * loop.batch_size,
                          "nonfinite_skipped": nonfinite},
             "checkpoints": [{"step": int(p.name.split("-")[1]), "path": str(p.relative_to(run_dir)),
