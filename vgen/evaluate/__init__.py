@@ -1,0 +1,1 @@
+"""Evaluation: feature extractors, metrics, the emoji-scenes compositional judge, the report."""
