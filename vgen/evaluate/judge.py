@@ -2,13 +2,19 @@
 
 A prompt such as "a cat above a dog" names objects and the boxes they belong in (the spec's TOP and
 BOTTOM boxes). The judge crops each box of an image and asks a small object classifier (36 classes)
-what is there. Two verdicts per image:
+what is there. Verdicts per image:
 
-- `correct` (strict): every box's most likely object is the one the prompt puts there ("and": either
-  order; "two cats": a cat in both boxes; "a cat": the centre box).
+- `correct`: every named object is present in the box the prompt gives it ("and": either way round;
+  "two cats": a cat in both boxes; "a cat": the centre box), and for left/right/above/below the pair
+  is the right way round (`order_correct`). "Present" is a presence test in the manner of GenEval's
+  detector threshold (Ghosh et al. 2023): the object is among the classifier's PRESENCE_TOP_K most
+  likely of the 36 for that box. A test on the top guess alone would mostly measure the art-style gap
+  between the classifier's training images and the dataset's (below); calibration reports how often
+  the test accepts the right object in real scenes and how often it accepts a wrong one.
 - `order_correct` (left/right/above/below): of the two named objects, is each more likely in the box
   the prompt gives it than in the other one. This relative reading asks only which way round the
   pair is, so it stays reliable for objects the classifier cannot name outright.
+- `predicted`: each box's most likely object, for people to read.
 
 The classifier never saw the training images, nor any Noto artwork: it is trained on Twemoji
 (`emoji-datasource-twitter`, CC BY 4.0, vgen.evaluate.twemoji), the 36 objects' own emoji plus a few
@@ -17,12 +23,12 @@ spec's geometry (a little wider), and augmented towards "another artist": each f
 repainted a little (sometimes in another colour), shading, small rotations and stretches, then hue,
 tone, saturation, blur, noise and flips. It is then calibrated on fresh Noto scenes (the dataset's
 style; seed 1000003, the dataset's default is 0), and the numbers are stored with it (`calibration`
-in judge.yaml), because they say how far to trust it. Measured: 0.69 of Noto crops named right
-(single objects 0.69, pairs 0.43: two objects must both be named right); the pair's order right in
-0.998 of real scenes, and swapped prompts rejected in all. Twemoji and Noto draw about ten objects
-differently enough (rabbit, frog, penguin, strawberry, pizza, horse, cow, cat, snail, turtle) that
-the strict verdict mostly misses them even on real images: read it as relative to the judge's score
-on real scenes, and per object (`crop_accuracy_by_object`).
+in judge.yaml), because they say how far to trust it. Measured on Noto crops: the top guess right
+in 0.69, the right object within the top 3 in 0.85, a random wrong object within the top 3 in 0.07;
+the pair's order right in 0.998 of real scenes, and swapped prompts rejected in all. Twemoji and Noto
+draw about ten objects differently enough (rabbit, frog, penguin, strawberry, pizza, horse, cow, cat,
+snail, turtle) that even real images of them often fail: read a model's accuracy next to the judge's
+accuracy on real scenes (`accepted` in the calibration), and per object (`crop_accuracy_by_object`).
 
 Every image is read at 32 px (the demo model's resolution; other sizes are resized with antialiasing
 first), boxes are scaled from the spec's 64 px coordinates, and each crop (box plus a 1 px margin) is
@@ -58,11 +64,12 @@ from vgen.errors import ManifestError, MissingDependencyError, UsageError
 from vgen.evaluate.twemoji import TwemojiSet, load_twemoji
 from vgen.manifest import read_manifest, sha256_file, write_manifest
 
-JUDGE_VERSION = 1  # bump when a change to this file changes the trained weights
+JUDGE_VERSION = 2  # bump when a change to this file changes the trained weights
 NOUNS: tuple[str, ...] = tuple(o.noun for o in es.OBJECTS)
 RESOLUTION = 32  # every image is judged at this size
 CROP = 16  # each box is resized to CROP x CROP for the classifier
 MARGIN = 1.0  # px at RESOLUTION around each box
+PRESENCE_TOP_K = 3  # an object is present in a box when it is among the classifier's 3 likeliest there
 CALIBRATION_SEED = 1000003  # Noto scenes for calibration; the dataset's default seed is 0
 WEIGHTS_FILE = "judge.safetensors"
 MANIFEST_FILE = "judge.yaml"
@@ -377,7 +384,8 @@ class Verdict:
     boxes: tuple[es.Box, ...]  # where the caption puts them ("and": LEFT, RIGHT), 64 px coordinates
     predicted: tuple[str, ...]  # what the judge sees in each box (the most likely of the 36 objects)
     confidence: tuple[float, ...]  # the classifier's probability of each prediction
-    correct: bool  # every box holds its object ("and": in either order)
+    present: tuple[bool, ...]  # each box's expected object passes the presence test ("and": the better way round)
+    correct: bool  # every object present where the prompt puts it ("and": either way), in order
     # left/right/above/below only: of the two named objects, is each more likely where the prompt puts
     # it than swapped (a relative reading, far more reliable than recognising each object outright)
     order_correct: bool | None
@@ -434,16 +442,24 @@ class Judge:
             expected = tuple(nouns) * 2 if relation == "two" else tuple(nouns)
             box_probs = [probs[(i, b)] for b in boxes]
             predicted = tuple(NOUNS[int(p.argmax())] for p in box_probs)
-            ok = predicted == expected or (relation == "and" and predicted == expected[::-1])
+            present = _present(box_probs, expected)
+            if relation == "and":
+                present = max(present, _present(box_probs, expected[::-1]), key=sum)
             order = None
             if relation in ORDERED_RELATIONS:
                 a, b = (NOUNS.index(n) for n in nouns)
                 p1, p2 = box_probs
                 order = bool(p1[a] * p2[b] > p1[b] * p2[a])
+            ok = all(present) and order is not False
             held = relation in es.PAIR_RELATIONS and es.is_held_out(*nouns)
             verdicts.append(Verdict(prompt, relation, expected, boxes, predicted,
-                                    tuple(round(float(p.max()), 4) for p in box_probs), ok, order, held))
+                                    tuple(round(float(p.max()), 4) for p in box_probs), present, ok, order, held))
         return verdicts
+
+
+def _present(box_probs: Sequence[torch.Tensor], expected: Sequence[str]) -> tuple[bool, ...]:
+    """Is each expected object among the PRESENCE_TOP_K likeliest classes of its box."""
+    return tuple(bool((p > p[NOUNS.index(noun)]).sum() < PRESENCE_TOP_K) for p, noun in zip(box_probs, expected))
 
 
 def _rate(flags: Sequence[bool]) -> dict[str, Any]:
@@ -496,6 +512,15 @@ def _share(flags: Sequence[bool]) -> float | None:
     return round(sum(flags) / len(flags), 4) if flags else None
 
 
+def _with_wrong_object(scene: es.Scene, rng: random.Random) -> str:
+    """The scene's caption with one of its objects replaced by a random other object."""
+    nouns = list(scene.nouns)
+    k = rng.randrange(len(nouns))
+    choices = [n for n in NOUNS if n not in nouns and (scene.relation != "two" or n in es._COUNTABLE)]
+    nouns[k] = rng.choice(choices)
+    return es.caption_for(scene.relation, tuple(nouns))
+
+
 def _swapped(scene: es.Scene) -> str | None:
     if scene.relation not in ORDERED_RELATIONS:
         return None
@@ -521,6 +546,23 @@ def calibrate(judge: Judge, scenes: int = 1000, seed: int = CALIBRATION_SEED,
             crops_ok[p.noun].append(seen[p.box] == p.noun)
             if seen[p.box] != p.noun:
                 confusions[f"{p.noun} -> {seen[p.box]}"] += 1
+    # The presence test on single crops: the right object, and a random wrong one, within the top k.
+    rng = random.Random(f"vgen-judge/wrong/{seed}")
+    by_box: dict[es.Box, list[tuple[int, str]]] = {}
+    for i, scene in enumerate(specs + held_specs):
+        for p in scene.placements:
+            by_box.setdefault(p.box, []).append((i, p.noun))
+    right_in, wrong_in = [], []
+    x = to_judge_resolution(images)
+    for box, rows in by_box.items():
+        probs = judge.probabilities(crop_boxes(x[[i for i, _ in rows]], box))
+        for (_, noun), p in zip(rows, probs):
+            other = rng.choice([n for n in NOUNS if n != noun])
+            right_in.append(_present([p], [noun])[0])
+            wrong_in.append(_present([p], [other])[0])
+    # Whole prompts with one object replaced by another: how often a wrong prompt is accepted.
+    wrong_prompts = [_with_wrong_object(s, rng) for s in specs]
+    wrong = judge.judge(images[:scenes], wrong_prompts)
     swap_rows = [i for i, s in enumerate(specs) if _swapped(s) is not None]
     swapped = judge.judge(images[swap_rows], [_swapped(specs[i]) for i in swap_rows])
     acc = compositional_accuracy(verdicts[:scenes])
@@ -533,8 +575,11 @@ def calibrate(judge: Judge, scenes: int = 1000, seed: int = CALIBRATION_SEED,
         "scenes": scenes,
         "held_out_pair_scenes": held_n,
         "resolution": RESOLUTION,
-        "crop_accuracy": _share(all_crops),
+        "crop_accuracy": _share(all_crops),  # the top guess is the object
         "crops": len(all_crops),
+        "presence_top_k": PRESENCE_TOP_K,
+        "crop_present": _share(right_in),  # the object passes the presence test
+        "crop_wrong_object_present": _share(wrong_in),  # a random other object passes it
         "scene_accuracy": _share([v.correct for v in verdicts[:scenes]]),
         "by_relation": {r: a["accuracy"] for r, a in acc["by_relation"].items()},
         "two_object": acc["two_object"]["accuracy"],
@@ -542,6 +587,7 @@ def calibrate(judge: Judge, scenes: int = 1000, seed: int = CALIBRATION_SEED,
         "order": acc["order"]["accuracy"],
         "order_held_out_pairs": held_acc["order"]["accuracy"],
         "swapped_prompt_rejected": _share([not v.correct for v in swapped]),
+        "wrong_object_prompt_rejected": _share([not v.correct for v in wrong]),
         "swapped_prompt_order_rejected": _share([not v.order_correct for v in swapped]),
         "crop_accuracy_by_object": {n: _share(oks) for n, oks in crops_ok.items() if oks},
         "common_confusions": dict(confusions.most_common(8)),
