@@ -273,3 +273,22 @@ def test_atomic_directory_overwrite_replaces_file(tmp_path):
         (tmp / "new.txt").write_text("new")
     assert target.is_dir() and (target / "new.txt").read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_atomic_artifacts_get_ordinary_modes(tmp_path):
+    # tempfile makes 0600 files and 0700 dirs; a report or a dataset must be readable like any file.
+    mask = os.umask(0o022)
+    try:
+        import importlib
+
+        import vgen.atomic
+
+        atomic = importlib.reload(vgen.atomic)  # the modes are read from the umask at import
+        atomic.atomic_write_text(tmp_path / "a.yaml", "x: 1\n")
+        with atomic.atomic_directory(tmp_path / "d") as tmp:
+            (tmp / "f").write_text("y")
+    finally:
+        os.umask(mask)
+        importlib.reload(vgen.atomic)
+    assert (tmp_path / "a.yaml").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755

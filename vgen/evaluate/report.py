@@ -311,8 +311,45 @@ def render_report(manifest: dict, sets: dict[str, ImageSet], verdicts: list[dict
     return "".join(parts)
 
 
+GRID_FILE = "benchmark-grid.png"
+_VERDICT_RGB = {True: (34, 170, 34), False: (221, 51, 51)}
+
+
+def benchmark_grid(images: ImageSet, verdicts: list[dict], columns: int = 8):
+    """A PNG contact sheet: one row per relation (training pairs, then held-out pairs), each image
+    framed green or red by the judge's verdict; None without verdicts."""
+    from vgen.data import emoji_scenes as es
+    from vgen.grid import make_grid
+
+    by_file = {v["file"]: v for v in verdicts if v.get("set") == images.name}
+    if not by_file:
+        return None
+    tiles, labels = [], []
+    for held in (False, True):
+        for relation in es.RELATIONS:
+            rows = [i for i, f in enumerate(images.files)
+                    if f in by_file and by_file[f]["relation"] == relation and by_file[f]["held_out"] == held]
+            if not rows:
+                continue
+            row = []
+            for i in rows[:columns]:
+                colour = torch.tensor(_VERDICT_RGB[bool(by_file[images.files[i]]["correct"])], dtype=torch.uint8)
+                framed = colour.view(3, 1, 1).expand(3, images.images.shape[2] + 2, images.images.shape[3] + 2).clone()
+                framed[:, 1:-1, 1:-1] = images.images[i]
+                row.append(framed)
+            row += [torch.full_like(row[0], 255)] * (columns - len(row))
+            tiles += row
+            kind = "held-out pairs" if held else ("training pairs" if relation in es.PAIR_RELATIONS else "")
+            labels.append(f"{relation} {kind}".strip() + " (green: judged right, red: not)")
+    return make_grid(torch.stack(tiles), columns=columns, row_labels=labels, scale=3)
+
+
 def write_report(folder: Path, manifest: dict, sets: dict[str, ImageSet], verdicts: list[dict],
                  run_dir: Path | None) -> Path:
     path = Path(folder) / REPORT_FILE
     atomic_write_text(path, render_report(manifest, sets, verdicts, run_dir))
+    judged = sets.get("benchmark") or next(iter(sets.values()), None)
+    grid = benchmark_grid(judged, verdicts) if judged is not None else None
+    if grid is not None:
+        grid.save(Path(folder) / GRID_FILE, format="PNG")
     return path

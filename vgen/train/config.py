@@ -49,7 +49,9 @@ class LoopConfig:
     max_nonfinite: int = 20  # skipped steps with a non-finite loss before the run stops
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "sample_every", "val_every"):
+        if self.steps < 0:  # 0: the untrained network as checkpoint 0, a baseline for `vgen evaluate`
+            raise ValueError(f"steps must be at least 0, got {self.steps}")
+        for name in ("batch_size", "log_every", "checkpoint_every", "sample_every", "val_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 

@@ -225,6 +225,8 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, dist: Distributed) -
                       f"images, batch {loop.batch_size} on {dist.world_size} x {device}, {precision}")
 
     step = start_step
+    if loop.steps == 0 and found is None:
+        save(0)  # train.steps=0: the initialised network (EMA = weights), e.g. the baseline of an evaluation
     window_start, window_images, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
     with _StopRequest() as stop, _progress(dist.is_main, start_step, loop.steps) as progress:
         while step < loop.steps:
