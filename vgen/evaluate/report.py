@@ -339,8 +339,9 @@ def benchmark_grid(images: ImageSet, verdicts: list[dict], columns: int = 8):
                 row.append(framed)
             row += [torch.full_like(row[0], 255)] * (columns - len(row))
             tiles += row
-            kind = "held-out pairs" if held else ("training pairs" if relation in es.PAIR_RELATIONS else "")
-            labels.append(f"{relation} {kind}".strip() + " (green: judged right, red: not)")
+            kind = " (held-out pairs)" if held else (" (training pairs)" if relation in es.PAIR_RELATIONS else "")
+            shown = list(dict.fromkeys(images.prompts[i] for i in rows[:columns]))  # distinct, in order
+            labels.append(f"{relation}{kind}: " + " | ".join(shown))
     return make_grid(torch.stack(tiles), columns=columns, row_labels=labels, scale=3)
 
 
