@@ -56,14 +56,19 @@ def _fmt(value: Any) -> str:
     return "–" if value is None else str(value)
 
 
+def _fmt2(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else _fmt(value)
+
+
 # --- plots -------------------------------------------------------------------------------------------
 
 _COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 
 
 def svg_plot(series: dict[str, Sequence[tuple[float, float]]], title: str, xlabel: str, ylabel: str,
-             width: int = 520, height: int = 260, log_y: bool = False) -> str:
-    """A line plot of named (x, y) series as an inline SVG element."""
+             width: int = 560, height: int = 260, log_y: bool = False,
+             y_range: tuple[float, float] | None = None) -> str:
+    """A line plot of named (x, y) series as an inline SVG element, the legend to its right."""
     import math
 
     points = [(x, y) for values in series.values() for x, y in values if y is not None]
@@ -73,9 +78,9 @@ def svg_plot(series: dict[str, Sequence[tuple[float, float]]], title: str, xlabe
         return ""
     fy = (lambda y: math.log10(y)) if log_y else (lambda y: y)
     x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
-    y0, y1 = min(fy(p[1]) for p in points), max(fy(p[1]) for p in points)
+    y0, y1 = y_range or (min(fy(p[1]) for p in points), max(fy(p[1]) for p in points))
     x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-9 + abs(y0) * 0.1 + 1e-3)
-    left, right, top, bottom = 60, 10, 24, 36
+    left, right, top, bottom = 60, 190, 24, 36
     w, h = width - left - right, height - top - bottom
 
     def sx(x):
@@ -109,8 +114,7 @@ def svg_plot(series: dict[str, Sequence[tuple[float, float]]], title: str, xlabe
         out.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
         if len(kept) <= 20:
             out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{colour}"/>' for x, y in kept]
-        out.append(f'<text x="{left + w - 4}" y="{top + 14 + 14 * i}" text-anchor="end" fill="{colour}">'
-                   f'{_e(name)}</text>')
+        out.append(f'<text x="{left + w + 12}" y="{top + 10 + 16 * i}" fill="{colour}">{_e(name)}</text>')
     out.append("</svg>")
     return "".join(out)
 
@@ -138,10 +142,10 @@ def loss_plot(run_dir: Path | None) -> str:
 def by_step_plot(by_step: list[dict]) -> str:
     if len(by_step) < 2:
         return ""
-    keys = (("single_object", "single object"), ("two_object", "two objects (training pairs)"),
-            ("two_object_held_out", "two objects (held-out pairs)"), ("order", "order (left/right/above/below)"))
+    keys = (("single_object", "single object"), ("two_object", "two objects, training pairs"),
+            ("two_object_held_out", "two objects, held-out pairs"), ("order", "order right"))
     series = {label: [(r["step"], (r["compositional"] or {}).get(key)) for r in by_step] for key, label in keys}
-    plots = [svg_plot(series, "compositional accuracy by checkpoint", "step", "accuracy")]
+    plots = [svg_plot(series, "compositional accuracy by checkpoint", "step", "accuracy", y_range=(0.0, 1.0))]
     scores = [(r["step"], r["clip_score"]) for r in by_step if r.get("clip_score") is not None]
     if scores:
         plots.append(svg_plot({"CLIP score (benchmark set)": scores}, "CLIP score by checkpoint", "step", "score"))
@@ -191,7 +195,7 @@ def compositional_section(result: dict | None) -> str:
         order = result["order_by_relation"].get(relation)
         rows.append(f"<tr><td>{_e(relation)}</td><td class=num>{_rate(acc, seen=result, relation=relation)}</td>"
                     f"<td class=num>{_rate(held)}</td><td class=num>{_rate(order)}</td>"
-                    f"<td class=num>{_fmt(real.get(relation))}</td></tr>")
+                    f"<td class=num>{_fmt2(real.get(relation))}</td></tr>")
     summary = (f"<p>Single objects <b>{_fmt(result['value']['single_object'])}</b>, two objects over training "
                f"pairs <b>{_fmt(result['value']['two_object'])}</b>, over held-out pairs (never seen together) "
                f"<b>{_fmt(result['value']['two_object_held_out'])}</b>; N = {result['n']}.</p>")
