@@ -66,7 +66,8 @@ def metric_table(metrics: dict[str, dict]):
             continue
         value = result["value"]
         if isinstance(value, dict):
-            text = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items())
+            text = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                             for k, v in value.items() if v is not None)
         else:
             text = f"{value:.4g}"
         reference = result.get("reference")
