@@ -8,13 +8,11 @@ the one tests/test_judge.py trains into the pytest cache (trained here if that h
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image
 
@@ -27,7 +25,7 @@ from vgen.errors import MissingDependencyError
 from vgen.evaluate import features as FE
 from vgen.evaluate import judge as J
 from vgen.evaluate.evaluation import METRICS, EvalOptions
-from vgen.evaluate.runner import BenchmarkSettings, evaluate_benchmark, evaluate_generation_dir
+from vgen.evaluate.runner import evaluate_generation_dir
 from vgen.manifest import sha256_file, write_manifest
 from vgen.train.config import TrainConfig
 
