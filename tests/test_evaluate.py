@@ -215,8 +215,6 @@ def test_usage_errors(assets, tmp_path, vgen_cli):
 def test_zero_step_run_is_the_untrained_baseline(assets, tmp_path):
     """train.steps=0 writes the initialised network as checkpoint 0 (the baseline FID is compared
     against), and running it again finds it done."""
-    import yaml as _yaml
-
     from vgen.generate import load_generator
     from vgen.train.loop import train
 
@@ -226,5 +224,5 @@ def test_zero_step_run_is_the_untrained_baseline(assets, tmp_path):
         result = train(cfg, assets["data"], tmp_path / "zero")
         assert result == {"step": 0, "done": True}
     assert [p.name for p in (tmp_path / "zero" / "checkpoints").iterdir()] == ["step-00000000"]
-    assert _yaml.safe_load((tmp_path / "zero" / "run.yaml").read_text())["status"] == "done"
+    assert yaml.safe_load((tmp_path / "zero" / "run.yaml").read_text())["status"] == "done"
     assert load_generator(tmp_path / "zero", device="cpu").step == 0
