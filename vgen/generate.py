@@ -33,7 +33,7 @@ from vgen.diffusion.flow import interpolate
 from vgen.diffusion.samplers import SAMPLERS, classifier_free_guidance, time_grid, truncate_grid
 from vgen.errors import ManifestError, UsageError
 from vgen.grid import make_grid, to_uint8
-from vgen.manifest import read_manifest, sha256_file, write_manifest
+from vgen.manifest import check_output_dir, read_manifest, sha256_file, write_manifest
 from vgen.train.randomness import generator
 
 RUN_MANIFEST = "run.yaml"
@@ -397,19 +397,6 @@ def read_png_metadata(path: str | Path) -> dict:
     return {**json.loads(text[METADATA_KEY]), "parameters": text.get("parameters")}
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise UsageError(f"--out {out_dir}: exists and is not a directory")
-    if (out_dir / GENERATION_MANIFEST).is_file():
-        if not overwrite:
-            raise UsageError(f"--out {out_dir}: holds an earlier generation; pass --overwrite to replace it")
-    elif any(out_dir.iterdir()):
-        raise UsageError(f"--out {out_dir}: exists and is not a generation dir (no {GENERATION_MANIFEST}); "
-                         "choose a new or empty directory")
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -437,7 +424,7 @@ def generate(gen: LoadedGenerator, request: GenerationRequest, out_dir: Path, ov
     Returns the summary `--json` prints."""
     request = request.resolved(gen.cfg)
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir, overwrite)
+    check_output_dir(out_dir, GENERATION_MANIFEST, "generation", overwrite)
     _, height, width = gen.image_shape
     edit = None
     if request.init_image is not None:

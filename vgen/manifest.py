@@ -19,7 +19,7 @@ import yaml
 
 from vgen import __version__
 from vgen.atomic import atomic_write_text
-from vgen.errors import ManifestError, VgenError
+from vgen.errors import ManifestError, UsageError, VgenError
 
 SCHEMA_VERSION = 1
 
@@ -106,3 +106,19 @@ def verify_files(root: str | os.PathLike, entries: Iterable[Mapping[str, Any]], 
                 f"{file}: sha256 {actual[:12]}… does not match {entry['sha256'][:12]}… recorded in "
                 f"{manifest}; the file was changed after it was written"
             )
+
+
+def check_output_dir(out_dir: str | os.PathLike, manifest: str, kind: str, overwrite: bool) -> None:
+    """`--out` of a stage that writes a directory holding `manifest`: new, empty, or (with
+    `overwrite`) an earlier output of the same kind; anything else is refused before any work."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise UsageError(f"--out {out_dir}: exists and is not a directory")
+    if (out_dir / manifest).is_file():
+        if not overwrite:
+            raise UsageError(f"--out {out_dir}: holds an earlier {kind}; pass --overwrite to replace it")
+    elif any(out_dir.iterdir()):
+        raise UsageError(f"--out {out_dir}: exists and is not a {kind} dir (no {manifest}); "
+                         "choose a new or empty directory")

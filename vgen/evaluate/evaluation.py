@@ -156,7 +156,6 @@ def _reference_features(data_dir: Path, extractor, split: str, options: EvalOpti
 def inception_metrics(images: ImageSet, data_dir: Path, options: EvalOptions, progress: ProgressFactory,
                       log: Log) -> dict[str, dict]:
     """FID, KID and precision/recall in the FID Inception network's 2048-d space, against the val split."""
-    from vgen.evaluate import metrics as M
     from vgen.evaluate.features import InceptionFeatures
 
     wanted = [m for m in INCEPTION_METRICS if m in options.metrics]
@@ -167,22 +166,32 @@ def inception_metrics(images: ImageSet, data_dir: Path, options: EvalOptions, pr
     except MissingDependencyError as e:
         return {m: unavailable(e) for m in wanted}
     _to_device(extractor, options.device)
-    reference = _reference_features(data_dir, extractor, "val", options, progress)
     generated = _extract(extractor, images.images, f"inception {images.name} set", options, progress)
+    return reference_metrics(dict(zip(("fd", "kid", "precision-recall"), INCEPTION_METRICS)), wanted, extractor,
+                             generated, images, data_dir, options, progress)
+
+
+def reference_metrics(names: dict[str, str], wanted: Sequence[str], extractor, generated: torch.Tensor,
+                      images: ImageSet, data_dir: Path, options: EvalOptions,
+                      progress: ProgressFactory) -> dict[str, dict]:
+    """The metrics against the val split's features under `extractor`: `names` maps fd / kid /
+    precision-recall to the metric names they are reported as; only those in `wanted` are computed."""
+    from vgen.evaluate import metrics as M
+
+    todo = {kind: name for kind, name in names.items() if name in wanted}
+    if not todo:
+        return {}
+    reference = _reference_features(data_dir, extractor, "val", options, progress)
     provenance = {"extractor_id": extractor.id, "weights_sha256": extractor.weights_sha256}
+    compute = {
+        "fd": lambda: {**M.frechet_distance(reference.statistics, generated, **provenance),
+                       "extractor": extractor.description},
+        "kid": lambda: M.kernel_inception_distance(reference.features, generated, options.kid_subsets,
+                                                   options.kid_subset_size, **provenance),
+        "precision-recall": lambda: M.precision_recall(reference.features, generated, 3, **provenance),
+    }
     ref = _reference(data_dir, reference)
-    out: dict[str, dict] = {}
-    if "fid" in wanted:
-        out["fid"] = {**M.frechet_distance(reference.statistics, generated, **provenance),
-                      "set": images.name, "reference": ref, "extractor": extractor.description}
-    if "kid" in wanted:
-        out["kid"] = {**M.kernel_inception_distance(reference.features, generated, options.kid_subsets,
-                                                    options.kid_subset_size, **provenance),
-                      "set": images.name, "reference": ref}
-    if "precision-recall" in wanted:
-        out["precision-recall"] = {**M.precision_recall(reference.features, generated, 3, **provenance),
-                                   "set": images.name, "reference": ref}
-    return out
+    return {name: {**compute[kind](), "set": images.name, "reference": ref} for kind, name in todo.items()}
 
 
 def clip_metrics(images: ImageSet, data_dir: Path, clip_source: str | None, options: EvalOptions,
@@ -201,17 +210,8 @@ def clip_metrics(images: ImageSet, data_dir: Path, clip_source: str | None, opti
     _to_device(extractor, options.device)
     provenance = {"extractor_id": extractor.id, "weights_sha256": extractor.weights_sha256}
     generated = _extract(extractor, images.images, f"clip {images.name} set", options, progress)
-    out: dict[str, dict] = {}
-    if {"fd-clip", "kid-clip"} & set(wanted):
-        reference = _reference_features(data_dir, extractor, "val", options, progress)
-        ref = _reference(data_dir, reference)
-        if "fd-clip" in wanted:
-            out["fd-clip"] = {**M.frechet_distance(reference.statistics, generated, **provenance),
-                              "set": images.name, "reference": ref, "extractor": extractor.description}
-        if "kid-clip" in wanted:
-            out["kid-clip"] = {**M.kernel_inception_distance(reference.features, generated, options.kid_subsets,
-                                                             options.kid_subset_size, **provenance),
-                               "set": images.name, "reference": ref}
+    out = reference_metrics({"fd": "fd-clip", "kid": "kid-clip"}, wanted, extractor, generated, images, data_dir,
+                            options, progress)
     if "clip-score" in wanted:
         out["clip-score"] = {**M.clip_score(generated, extractor.encode_text(images.prompts).cpu(), **provenance),
                              "set": images.name, "reference": "each image's own prompt"}

@@ -26,6 +26,7 @@ from typing import Any
 
 from vgen.atomic import atomic_directory
 from vgen.errors import UsageError
+from vgen.manifest import check_output_dir
 from vgen.evaluate.evaluation import (
     EVALUATION_MANIFEST,
     EvalOptions,
@@ -58,19 +59,6 @@ class BenchmarkSettings:
     batch_size: int = 100
     precision: str = "auto"  # of the generator: auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16
     checkpoints: str = "all"  # all (every kept checkpoint) | latest | comma-separated steps
-
-
-def check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise UsageError(f"--out {out_dir}: exists and is not a directory")
-    if (out_dir / EVALUATION_MANIFEST).is_file():
-        if not overwrite:
-            raise UsageError(f"--out {out_dir}: holds an earlier evaluation; pass --overwrite to replace it")
-    elif any(out_dir.iterdir()):
-        raise UsageError(f"--out {out_dir}: exists and is not an evaluation dir (no {EVALUATION_MANIFEST}); "
-                         "choose a new or empty directory")
 
 
 def fid_prompts(data_dir: Path, count: int) -> list[str]:
@@ -146,7 +134,7 @@ def evaluate_benchmark(run_dir: Path, data_dir: Path, out_dir: Path, options: Ev
         if value < 1:
             raise UsageError(f"{name}: expected at least 1, got {value}")
     out_dir = Path(out_dir)
-    check_out_dir(out_dir, overwrite)
+    check_output_dir(out_dir, EVALUATION_MANIFEST, "evaluation", overwrite)
     steps = _select_checkpoints(Path(run_dir), settings.checkpoints)
     start = time.perf_counter()
     prompts_fid = fid_prompts(data_dir, settings.fid_images)
@@ -212,7 +200,7 @@ def evaluate_generation_dir(gen_dir: Path, data_dir: Path, out_dir: Path, option
 
     progress, log = progress or _no_progress, log or (lambda m: None)
     out_dir = Path(out_dir)
-    check_out_dir(out_dir, overwrite)
+    check_output_dir(out_dir, EVALUATION_MANIFEST, "evaluation", overwrite)
     start = time.perf_counter()
     images = read_generation_dir(gen_dir)
     clip_source = options.clip
