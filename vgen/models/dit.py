@@ -104,7 +104,7 @@ class TextRefinerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(width, eps=1e-6)
         self.attn = Attention(width, heads)
         self.norm2 = nn.LayerNorm(width, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(approximate="tanh"), nn.Linear(4 * width, width))
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
 
     def forward(self, x, mask):
         x = x + self.attn(self.norm1(x), None, mask)
@@ -122,7 +122,7 @@ class DiTBlock(nn.Module):
         self.cross = Attention(width, heads, context_width=text_width)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
         self.ada = nn.Linear(width, 6 * width)
         nn.init.zeros_(self.ada.weight)  # adaLN-Zero: every block starts as the identity
         nn.init.zeros_(self.ada.bias)
