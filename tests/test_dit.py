@@ -1,4 +1,7 @@
-"""The DiT's text refiner: bidirectional over the caption, blind to padding, absent when off."""
+"""The DiT's text refiner: bidirectional over the caption, blind to padding, absent when off; and
+the lexical path (the text tower's input embeddings) that carries words the output features blur."""
+
+import pytest
 
 import torch
 
@@ -7,9 +10,10 @@ from vgen.models.dit import DiT, DiTConfig
 TEXT_WIDTH, LENGTH = 32, 8
 
 
-def make_dit(refiner_layers: int) -> DiT:
+def make_dit(refiner_layers: int, lexical: bool = False) -> DiT:
     torch.manual_seed(0)
-    cfg = DiTConfig(image_size=8, patch_size=4, width=32, depth=1, heads=2, text_refiner_layers=refiner_layers)
+    cfg = DiTConfig(image_size=8, patch_size=4, width=32, depth=1, heads=2, text_refiner_layers=refiner_layers,
+                    text_lexical=lexical)
     return DiT(cfg, text_width=TEXT_WIDTH, pooled_width=16).eval()
 
 
@@ -57,3 +61,27 @@ def test_no_refiner_means_no_parameters_and_identity():
     assert not any(name.startswith(("text_refiner", "text_pos")) for name, _ in dit.named_parameters())
     text, mask = text_and_mask()
     assert dit.refine_text(text, mask) is text
+
+
+def test_lexical_path_separates_words_the_tower_output_blurs():
+    # Two captions whose tower outputs are identical ("above"/"below" nearly are, in the demo CLIP)
+    # but whose input embeddings differ at the relation word: only the lexical path tells them apart.
+    text, mask = text_and_mask()
+    inputs = 0.02 * torch.randn(1, LENGTH, TEXT_WIDTH, generator=torch.Generator().manual_seed(2))
+    other = inputs.clone()
+    other[:, 3] = 0.02 * torch.randn(TEXT_WIDTH, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        lexical = make_dit(refiner_layers=1, lexical=True)
+        a, b = lexical.refine_text(text, mask, inputs), lexical.refine_text(text, mask, other)
+        plain = make_dit(refiner_layers=1)
+        c, d = plain.refine_text(text, mask, inputs), plain.refine_text(text, mask, other)
+    # Normalised first: embeddings at CLIP's init scale (0.02) still move every refined token.
+    assert (a[:, 1] - b[:, 1]).abs().max() > 1e-2
+    torch.testing.assert_close(c, d)
+
+
+def test_lexical_dit_needs_the_input_embeddings():
+    dit = make_dit(refiner_layers=0, lexical=True)
+    text, mask = text_and_mask()
+    with pytest.raises(ValueError, match="text_lexical"):
+        dit.refine_text(text, mask)

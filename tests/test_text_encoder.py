@@ -285,6 +285,10 @@ def test_pooled_equals_open_clip_encode_text(monkeypatch, custom_text):
     with torch.no_grad():
         expected = model.encode_text(tokens)
     torch.testing.assert_close(features.pooled, expected, atol=1e-6, rtol=0)
+    # The tower's input, for the generator's lexical path: token + positional embeddings.
+    embeddings = encoder.token_embedding(tokens) + encoder.positional_embedding[: tokens.shape[1]]
+    torch.testing.assert_close(features.embeddings, embeddings, atol=0, rtol=0)
+    assert torch.equal(encoder.encode(CAPTIONS).embeddings, features.embeddings.detach())  # and the cache
 
 
 def test_mask_marks_start_caption_and_end_tokens(tiny_arch):

@@ -31,7 +31,7 @@ class TextToImageFlow(nn.Module):
         return self.text_encoder.encode(captions)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, text) -> torch.Tensor:
-        return self.network(x, t, text.tokens, text.mask, text.pooled)
+        return self.network(x, t, text.tokens, text.mask, text.pooled, text.embeddings)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, captions: list[str]) -> torch.Tensor:
         return self.velocity(x, t, self.encode_text(captions))

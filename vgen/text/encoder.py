@@ -26,6 +26,7 @@ class TextFeatures(NamedTuple):
     tokens: torch.Tensor  # [B, L, width] per-token features (ln_final outputs)
     mask: torch.Tensor  # [B, L] bool: True for start marker, caption tokens and end marker
     pooled: torch.Tensor  # [B, embed_dim] = model.encode_text(tokens, normalize=False)
+    embeddings: torch.Tensor  # [B, L, width] the tower's input: token + positional embeddings
 
 
 def _text_parts(model: nn.Module):
@@ -97,8 +98,8 @@ class TextEncoder(nn.Module):
         self.eot_token_id = getattr(self.tokenizer, "eot_token_id", None)
 
         # Captions kept by `encode` before the cache is cleared. Default: up to 200k, fewer when
-        # their features would pass CACHE_BYTES (ViT-B-32: 77 x 512 floats a caption, ~13k captions).
-        row_bytes = 4 * (self.context_length * (self.width + 1) + self.embed_dim)
+        # their features would pass CACHE_BYTES (ViT-B-32: 2 x 77 x 512 floats a caption, ~6.8k captions).
+        row_bytes = 4 * (self.context_length * (2 * self.width + 1) + self.embed_dim)
         self.cache_limit = cache_limit if cache_limit is not None else max(
             1, min(MAX_CACHE_CAPTIONS, CACHE_BYTES // row_bytes)
         )
@@ -147,7 +148,7 @@ class TextEncoder(nn.Module):
         cast_dtype = self.transformer.get_cast_dtype()
         length = tokens.shape[1]
         x = self.token_embedding(tokens).to(cast_dtype)  # [B, L, width]
-        x = x + self.positional_embedding[:length].to(cast_dtype)
+        x = embeddings = x + self.positional_embedding[:length].to(cast_dtype)
         attn_mask = None if self.attn_mask is None else self.attn_mask[:length, :length]
         x = self.transformer(x, attn_mask=attn_mask)
         x = self.ln_final(x)
@@ -157,7 +158,7 @@ class TextEncoder(nn.Module):
                 pooled = self.text_projection(pooled)
             else:
                 pooled = pooled @ self.text_projection
-        return TextFeatures(x, self.token_mask(tokens), pooled)
+        return TextFeatures(x, self.token_mask(tokens), pooled, embeddings)
 
     def encode(self, captions: list[str]) -> TextFeatures:
         """Tokenize and encode. Frozen: without autograd or autocast, from a per-caption cache."""
@@ -172,12 +173,12 @@ class TextEncoder(nn.Module):
                 # Each caption alone (a batch of one): batched matmuls may round differently per
                 # batch composition, and a resumed run must see bitwise the same features.
                 f = self(self.tokenize([caption]).to(self.device))
-                rows[caption] = (f.tokens[0], f.mask[0], f.pooled[0])
+                rows[caption] = tuple(field[0] for field in f)
             if missing:
                 if len(self._cache) + len(missing) > self.cache_limit:
                     self._cache.clear()
                 self._cache.update((c, rows[c]) for c in missing[: self.cache_limit])
-            return TextFeatures(*(torch.stack([rows[c][i] for c in captions]) for i in range(3)))
+            return TextFeatures(*(torch.stack([rows[c][i] for c in captions]) for i in range(len(TextFeatures._fields))))
 
     def clear_cache(self) -> None:
         self._cache.clear()
