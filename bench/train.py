@@ -106,13 +106,14 @@ def make_batches(count: int, batch: int, net: DiTConfig, text_len: int, text_wid
         out.append({"x0": torch.rand(shape, generator=g) * 2 - 1, "noise": torch.randn(shape, generator=g),
                     "t": logit_normal_t(torch.randn(batch, generator=g)),
                     "text": torch.randn(batch, text_len, text_width, generator=g),
+                    "embeddings": 0.02 * torch.randn(batch, text_len, text_width, generator=g),
                     "mask": torch.arange(text_len)[None] < lengths,
                     "pooled": torch.randn(batch, pooled_width, generator=g)})
     return out
 
 
 def dit_forward(model, x_t, b):
-    return model(x_t, b["t"], b["text"], b["mask"], b["pooled"])
+    return model(x_t, b["t"], b["text"], b["mask"], b["pooled"], b["embeddings"])
 
 
 def unet_forward(model, x_t, b):
@@ -189,7 +190,7 @@ def main() -> None:
         for precision in ("fp32", "bf16"):
             m = copy.deepcopy(model)  # same initial weights for both precisions, separate optimizer state
             opt = torch.optim.AdamW(m.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                                    weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
+                                    weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps, fused=True)  # as vgen train
             bf16 = precision == "bf16"
             autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else nullcontext
             settings.append({"name": name, "precision": precision, "model": m, "forward": forward,
