@@ -8,7 +8,9 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import save_file
 
 from vgen import __version__
 from vgen.atomic import atomic_directory, atomic_path, atomic_write_bytes, atomic_write_text
@@ -287,8 +289,14 @@ def test_atomic_artifacts_get_ordinary_modes(tmp_path):
         atomic.atomic_write_text(tmp_path / "a.yaml", "x: 1\n")
         with atomic.atomic_directory(tmp_path / "d") as tmp:
             (tmp / "f").write_text("y")
+            (tmp / "sub").mkdir()
+            save_file({"w": torch.zeros(2)}, str(tmp / "sub" / "w.safetensors"))  # safetensors writes 0600
+        with atomic.atomic_path(tmp_path / "s.safetensors") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp))
     finally:
         os.umask(mask)
         importlib.reload(vgen.atomic)
-    assert (tmp_path / "a.yaml").stat().st_mode & 0o777 == 0o644
-    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+    for name in ("a.yaml", "d/f", "d/sub/w.safetensors", "s.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+    for name in ("d", "d/sub"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o755, name

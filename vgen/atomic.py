@@ -20,9 +20,22 @@ def _umask() -> int:
     return mask
 
 
-# tempfile creates private files (0600) and dirs (0700); artifacts get the modes open()/mkdir() give.
+# tempfile creates private files (0600) and dirs (0700), and so does safetensors' save_file (it
+# writes a new file even over our temporary one); artifacts get the modes open()/mkdir() give, set
+# once the writer is done.
 _FILE_MODE = 0o666 & ~_umask()
 _DIR_MODE = 0o777 & ~_umask()
+
+
+def _publish_modes(root: Path) -> None:
+    """Give `root` and everything under it the ordinary modes (artifacts hold no executables)."""
+    root.chmod(_DIR_MODE if root.is_dir() else _FILE_MODE)
+    if root.is_dir():
+        for folder, dirs, files in os.walk(root):
+            for name in dirs:
+                os.chmod(os.path.join(folder, name), _DIR_MODE)
+            for name in files:
+                os.chmod(os.path.join(folder, name), _FILE_MODE)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -43,13 +56,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, _FILE_MODE)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        _publish_modes(tmp_path)
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -76,9 +89,9 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
-    tmp.chmod(_DIR_MODE)
     try:
         yield tmp
+        _publish_modes(tmp)
         if path.exists() or path.is_symlink():
             if not overwrite:
                 raise FileExistsError(f"{path} appeared while it was being written")
