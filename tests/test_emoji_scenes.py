@@ -185,16 +185,25 @@ def test_benchmark_prompts(tmp_path):
     assert (tmp_path / "p.txt").read_text().splitlines() == train[:3]
 
 
-def test_refuses_to_overwrite(tmp_path):
+def test_overwrite_replaces_only_earlier_scenes(tmp_path):
+    out = tmp_path / "raw"
+    write_emoji_scenes(out, 5)
+    with pytest.raises(UsageError, match="--overwrite") as err:
+        write_emoji_scenes(out, 3)
+    assert str(out) in str(err.value)
+    write_emoji_scenes(out, 3, overwrite=True)
+    names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert names == [f"00000{i}.{e}" for i in range(3) for e in ("png", "txt")]
+
+
+def test_overwrite_never_deletes_a_foreign_folder(tmp_path):
     out = tmp_path / "raw"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    with pytest.raises(UsageError, match="--overwrite") as err:
-        write_emoji_scenes(out, 3)
-    assert str(out) in str(err.value) and (out / "keep.txt").exists()
-    write_emoji_scenes(out, 3, overwrite=True)
-    names = sorted(p.name for p in out.iterdir())
-    assert names == [f"00000{i}.{e}" for i in range(3) for e in ("png", "txt")]
+    for overwrite in (False, True):
+        with pytest.raises(UsageError, match="not an emoji-scenes dir") as err:
+            write_emoji_scenes(out, 3, overwrite=overwrite)
+        assert str(out) in str(err.value) and (out / "keep.txt").read_text() == "x"
 
 
 def test_missing_font_names_the_debian_package(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from vgen import __version__
 from vgen.atomic import atomic_directory, atomic_path, atomic_write_bytes, atomic_write_text
-from vgen.errors import ManifestError, UsageError
+from vgen.errors import IntegrityError, ManifestError, UsageError
 from vgen.manifest import SCHEMA_VERSION, read_manifest, sha256_file, verify_files, write_manifest
 
 
@@ -158,7 +158,7 @@ def test_verify_files(tmp_path):
     verify_files(tmp_path, entries, "dataset.yaml")  # untouched: passes
 
     a.write_bytes(b"aaab")
-    with pytest.raises(ManifestError, match="does not match") as info:
+    with pytest.raises(IntegrityError, match="does not match") as info:
         verify_files(tmp_path, entries, "dataset.yaml")
     assert "a.bin" in str(info.value) and "dataset.yaml" in str(info.value)
 

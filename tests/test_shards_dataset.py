@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from vgen.data.dataset import ImageCaptionDataset, dataset_sha256, load_dataset_manifest
 from vgen.data.preprocess import PreprocessOptions, preprocess, val_split
 from vgen.data.shards import ShardWriter, open_shard, rows_per_shard
-from vgen.errors import ManifestError, UsageError
+from vgen.errors import IntegrityError, ManifestError, UsageError
 from vgen.manifest import sha256_file
 
 R = 16
@@ -299,9 +299,9 @@ def test_verify_detects_modified_shard(built, tmp_path):
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF  # one pixel changed, size unchanged
     shard.write_bytes(bytes(data))
-    ImageCaptionDataset(copy, "train")  # without verify the change goes unnoticed
-    with pytest.raises(ManifestError, match="does not match") as info:
-        ImageCaptionDataset(copy, "train", verify=True)
+    ImageCaptionDataset(copy, "train", verify=False)  # only an explicit verify=False skips the check
+    with pytest.raises(IntegrityError, match="does not match") as info:
+        ImageCaptionDataset(copy, "train")  # verified by default
     assert shard.name in str(info.value)
 
 
@@ -309,8 +309,8 @@ def test_verify_detects_modified_index(built, tmp_path):
     copy = _copy(built, tmp_path)
     with open(copy / "index.jsonl", "a", encoding="utf-8") as f:
         f.write("\n")
-    with pytest.raises(ManifestError, match="index.jsonl"):
-        ImageCaptionDataset(copy, "train", verify=True)
+    with pytest.raises(IntegrityError, match="index.jsonl"):
+        ImageCaptionDataset(copy, "train")
 
 
 def test_index_shard_mismatch_detected(built, tmp_path):
@@ -320,6 +320,8 @@ def test_index_shard_mismatch_detected(built, tmp_path):
     train = [r for r in rows if r["split"] == "train"]
     train[0]["row"], train[1]["row"] = train[1]["row"], train[0]["row"]  # point at each other's pixels
     index_path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    dataset = ImageCaptionDataset(copy, "train")
+    with pytest.raises(IntegrityError, match="index.jsonl"):  # the edited index no longer matches its sha256
+        ImageCaptionDataset(copy, "train")
+    dataset = ImageCaptionDataset(copy, "train", verify=False)  # the row check still guards an unverified load
     with pytest.raises(ManifestError, match="inconsistent"):
         dataset.image(0)

@@ -2,16 +2,31 @@
 
 Every artifact is written to a temporary sibling and renamed into place (`os.replace` is atomic on
 POSIX within one filesystem), so an interrupted run leaves either the old file or the new one.
+
+Temporaries are named `.<name>.partial-<pid>-<host>-*` (directories) and `.<name>.<pid>-<host>-*.tmp`
+(files). The next atomic write into the same directory removes those of processes of this host
+that are no longer running, so a killed run leaves no lasting litter. A write that fails for lack
+of space or on a read-only disk raises `ArtifactWriteError` naming the artifact, not a bare OSError.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from vgen.errors import ArtifactWriteError, os_error_message
+
+# Errors of the disk being written, wherever in the block they arise.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+_HOST = re.sub(r"[^A-Za-z0-9]+", "_", socket.gethostname())[:40] or "host"
+_TEMPORARY = re.compile(r"^\..+\.(?:partial-|old-)?(\d+)-([A-Za-z0-9_]+)-")
 
 
 def _umask() -> int:
@@ -38,6 +53,70 @@ def _publish_modes(root: Path) -> None:
                 os.chmod(os.path.join(folder, name), _FILE_MODE)
 
 
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _tag() -> str:
+    return f"{os.getpid()}-{_HOST}-"
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries in `directory` left by dead processes of this host (a killed run's
+    `.NAME.partial-*`, `.NAME.old-*` and `.NAME.*.tmp`); return what was removed."""
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMPORARY.match(entry.name)
+        if not match or match.group(2) != _HOST or _pid_running(int(match.group(1))):
+            continue
+        target = Path(entry.path)
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            target.unlink(missing_ok=True)
+        removed.append(target)
+    return removed
+
+
+def _as_os_error(error: BaseException) -> OSError | None:
+    """The OSError behind `error`: itself, or the one safetensors' SafetensorError (not an OSError)
+    reports a failed write as: "(os error N)" in recent releases, "Os { code: N, ... }" in 0.4."""
+    if isinstance(error, OSError):
+        return error
+    code = re.search(r"\(os error (\d+)\)|Os \{ code: (\d+)", str(error))
+    if type(error).__name__ == "SafetensorError" and code:
+        number = int(code.group(1) or code.group(2))
+        return OSError(number, os.strerror(number))
+    return None
+
+
+@contextlib.contextmanager
+def _write_errors(path: Path, ours: bool = True) -> Iterator[None]:
+    """A full or read-only disk while writing `path` becomes an ArtifactWriteError naming it. With
+    `ours` (the block only creates and renames the artifact), so does a permission error; in a
+    caller's block one may be about reading an input, and stays as it is."""
+    try:
+        yield
+    except ArtifactWriteError:
+        raise
+    except Exception as e:  # noqa: BLE001 - only disk errors are translated; the rest re-raised
+        error = _as_os_error(e)
+        if error is not None and (error.errno in _WRITE_ERRNOS or (
+                error.errno in (errno.EACCES, errno.EPERM) and (ours or error.filename is None))):
+            raise ArtifactWriteError(os_error_message(error, path, writing=True)) from e
+        raise
+
+
 def _fsync_dir(directory: Path) -> None:
     with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened
         fd = os.open(directory, os.O_RDONLY)
@@ -54,17 +133,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     For writers that want a filename (e.g. `safetensors.save_file`) rather than a file object.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    with _write_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_tag()}", suffix=".tmp", dir=path.parent)
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        _publish_modes(tmp_path)
-        os.replace(tmp_path, path)
-        _fsync_dir(path.parent)
+        with _write_errors(path, ours=False):
+            yield tmp_path
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
+            _publish_modes(tmp_path)
+            os.replace(tmp_path, path)
+            _fsync_dir(path.parent)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -84,24 +166,29 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     """Build a directory under a temporary name and rename it to `path` only when the block succeeds.
 
     An interrupted run leaves a `.<name>.partial-*` directory that never looks like a finished
-    artifact. With `overwrite`, an existing `path` is replaced only after the new one is complete.
+    artifact (and that the next write of `path` removes). With `overwrite`, an existing `path` is
+    replaced only after the new one is complete; whether it may be replaced at all is the stage's
+    decision, made under its lock (vgen.outputs.claim_output_dir).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    with _write_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-{_tag()}", dir=path.parent))
     try:
-        yield tmp
-        _publish_modes(tmp)
-        if path.exists() or path.is_symlink():
-            if not overwrite:
-                raise FileExistsError(f"{path} appeared while it was being written")
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
-        else:
-            os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        with _write_errors(path, ours=False):
+            yield tmp
+            _publish_modes(tmp)
+            if path.exists() or path.is_symlink():
+                if not overwrite:
+                    raise FileExistsError(f"{path} appeared while it was being written")
+                old = path.with_name(f".{path.name}.old-{_tag()}")
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+            else:
+                os.replace(tmp, path)
+            _fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -6,9 +6,11 @@ stderr; `vgen --debug ...` shows the traceback instead.
 
 from __future__ import annotations
 
+import json
+import math
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -27,6 +29,23 @@ data_app = typer.Typer(help="Make raw caption folders and prompt lists (the embe
 app.add_typer(data_app, name="data")
 
 _state = {"debug": False}
+
+
+def finite_float(text: str) -> float:
+    """Parser of every float option: click's FLOAT takes nan and inf, and a range check lets nan
+    through (every comparison with it is false)."""
+    try:
+        number = float(text)
+    except (TypeError, ValueError):
+        raise typer.BadParameter(f"{text!r} is not a number") from None
+    if not math.isfinite(number):
+        raise typer.BadParameter(f"{text!r} is not a finite number")
+    return number
+
+
+def _print_json(summary: Any) -> None:
+    """The --json summary: alone on stdout (everything else vgen prints goes to stderr)."""
+    print(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
 
 
 def _version(value: bool) -> None:
@@ -50,19 +69,22 @@ def data_emoji_scenes(
     out_dir: Annotated[Path, typer.Argument(help="Folder to create: one PNG + .txt caption per scene.")],
     count: Annotated[int, typer.Option("--count", "-n", min=1, help="Number of scenes.")] = 20000,
     seed: Annotated[int, typer.Option(help="Scene i is a pure function of (seed, i).")] = 0,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUT_DIR if it exists.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT_DIR if it holds earlier emoji scenes.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout (and nothing else there).")] = False,
 ) -> None:
     """Render emoji-scenes training images (64x64, Noto Color Emoji) with their captions.
 
     Held-out object pairs are never rendered. Example: vgen data emoji-scenes raw --count 20000
     """
     from vgen.data.emoji_scenes import write_emoji_scenes
-    from vgen.ui import console, progress_bar
+    from vgen.ui import progress_bar, say
 
     with progress_bar("emoji-scenes", total=count) as advance:
         summary = write_emoji_scenes(out_dir, count, seed=seed, overwrite=overwrite, progress=advance)
     shares = ", ".join(f"{k} {v}" for k, v in summary["relations"].items())
-    console.print(f"[green]wrote[/] {count} scenes to {out_dir} ({shares})")
+    say(f"wrote {count} scenes to {out_dir} ({shares})")
+    if json_output:
+        _print_json(summary)
 
 
 @data_app.command("emoji-scenes-prompts")
@@ -71,17 +93,20 @@ def data_emoji_scenes_prompts(
     split: Annotated[str, typer.Option(help="train: pairs seen in training; heldout: held-out pairs.")] = "train",
     per_relation: Annotated[int, typer.Option(min=1, help="Prompts per relation (fewer if fewer exist).")] = 50,
     seed: Annotated[int, typer.Option(help="Seed for choosing the prompts.")] = 0,
+    json_output: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout (and nothing else there).")] = False,
 ) -> None:
     """Write emoji-scenes benchmark prompts in the caption grammar.
 
     Example: vgen data emoji-scenes-prompts heldout.txt --split heldout --per-relation 20
     """
     from vgen.data.emoji_scenes import benchmark_prompts, write_prompts
-    from vgen.ui import console
+    from vgen.ui import say
 
     prompts = benchmark_prompts(split, per_relation, seed=seed)
     write_prompts(out_file, prompts)
-    console.print(f"[green]wrote[/] {len(prompts)} {split} prompts to {out_file}")
+    say(f"wrote {len(prompts)} {split} prompts to {out_file}")
+    if json_output:
+        _print_json({"file": str(out_file.resolve()), "split": split, "count": len(prompts), "prompts": prompts})
 
 
 @app.command()
@@ -90,14 +115,15 @@ def preprocess(
     out: Annotated[Path, typer.Option("--out", "-o", help="Dataset directory to create.")],
     resolution: Annotated[int, typer.Option("--resolution", "-r", help="Output side length R (images are R x R).")] = 64,
     workers: Annotated[int, typer.Option(help="Decoding processes (default: all cores).")] = 0,
-    val_fraction: Annotated[float, typer.Option(help="Share of images in the validation split, chosen by content hash.")] = 0.05,
+    val_fraction: Annotated[float, typer.Option(parser=finite_float, help="Share of images in the validation split, chosen by content hash.")] = 0.05,
     min_size: Annotated[Optional[int], typer.Option(help="Skip images whose shorter side is below this \\[default: R/2].")] = None,
     caption_ext: Annotated[Optional[list[str]], typer.Option(help="Sidecar caption extension, repeatable \\[default: .txt and .caption].")] = None,
     caption_column: Annotated[str, typer.Option(help="Caption column of metadata.jsonl/.csv files.")] = "text",
     allow_empty_captions: Annotated[bool, typer.Option(help="Keep images without any caption.")] = False,
-    shard_mb: Annotated[float, typer.Option(help="Maximum size of one shard file in MiB.")] = 32.0,
+    shard_mb: Annotated[float, typer.Option(parser=finite_float, help="Maximum size of one shard file in MiB.")] = 32.0,
     context_length: Annotated[int, typer.Option(help="Text encoder context, for reporting captions it truncates.")] = 77,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing dataset at --out.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier dataset at --out (never a folder of anything else).")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout (and nothing else there).")] = False,
 ) -> None:
     """Clean, centre-crop, resize and shard a raw caption folder into a dataset (dataset.yaml).
 
@@ -123,7 +149,12 @@ def preprocess(
         context_length=context_length,
         overwrite=overwrite,
     )
-    run_preprocess(raw_dir, out, options)
+    manifest = run_preprocess(raw_dir, out, options)
+    if json_output:
+        _print_json({"out_dir": str(out.resolve()), "manifest": str((out / "dataset.yaml").resolve()),
+                     "resolution": manifest["resolution"], "counts": manifest["counts"],
+                     "splits": {k: manifest["splits"][k] for k in ("train", "val")},
+                     "captions": manifest["captions"], "shards": len(manifest["shards"])})
 
 
 @app.command()
@@ -132,6 +163,8 @@ def train(
     data: Annotated[Path, typer.Option("--data", "-d", help="Dataset directory made by `vgen preprocess`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory; an existing run is resumed.")],
     overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key, e.g. --set train.steps=500 (repeatable).")] = None,
+    start_over: Annotated[bool, typer.Option("--start-over", help="Train from step 0 in an existing run dir; its checkpoints are moved to RUN/set-aside-N/, not deleted.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout (and nothing else there).")] = False,
 ) -> None:
     """Train a model (kind flow: text-to-image generator; kind clip: contrastive text encoder).
 
@@ -145,7 +178,9 @@ def train(
     from vgen.train.loop import train as run_training
 
     cfg = load_config(TrainConfig, config, overrides or ())
-    run_training(cfg, data, out)
+    summary = run_training(cfg, data, out, start_over=start_over)
+    if json_output and summary is not None:
+        _print_json(summary)
 
 
 @app.command()
@@ -157,14 +192,14 @@ def generate(
     n: Annotated[int, typer.Option("--num-images", "-n", help="Images per prompt.")] = 1,
     seed: Annotated[int, typer.Option(help="Image i of the request (prompt-major order) gets seed S + i.")] = 0,
     steps: Annotated[Optional[int], typer.Option(help="Sampler steps \\[default: the run's flow.sample_steps].")] = None,
-    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale; 1 = none \\[default: the run's flow.sample_guidance].")] = None,
+    guidance: Annotated[Optional[float], typer.Option(parser=finite_float, help="Classifier-free guidance scale; 1 = none \\[default: the run's flow.sample_guidance].")] = None,
     negative: Annotated[str, typer.Option(help="Negative prompt (the unconditioned half of guidance).")] = "",
     sampler: Annotated[str, typer.Option(help="ODE sampler: euler, or heun (2nd order, 2 network calls a step).")] = "euler",
     batch_size: Annotated[int, typer.Option(help="Images per network batch (does not change the pixels).")] = 16,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Generation dir to write \\[default: generations/YYYYmmdd-HHMMSS].")] = None,
     grid: Annotated[bool, typer.Option("--grid", help="Also write grid.png: one row per prompt, labelled.")] = False,
     init_image: Annotated[Optional[Path], typer.Option(help="Edit this image (resized and centre-cropped to the model's size).")] = None,
-    strength: Annotated[Optional[float], typer.Option(help="With --init-image: noise level to start from, 0 < s <= 1 (SDEdit) \\[default with --mask: 1].")] = None,
+    strength: Annotated[Optional[float], typer.Option(parser=finite_float, help="With --init-image: noise level to start from, 0 < s <= 1 (SDEdit) \\[default with --mask: 1].")] = None,
     mask: Annotated[Optional[Path], typer.Option(help="With --init-image: white (>= 128) = regenerate, black = keep (same size as the image).")] = None,
     checkpoint: Annotated[str, typer.Option(help="'latest' or a step number.")] = "latest",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
@@ -183,12 +218,11 @@ def generate(
       cat prompts.txt | vgen generate - --run demo/model --json | jq .images
       vgen generate "a cat" --run demo/model --init-image in.png --mask mask.png
     """
-    import json
     import time
 
-    from vgen.generate import GenerationRequest, default_out_dir, load_generator, read_prompt_file
+    from vgen.generate import GenerationRequest, load_generator, read_prompt_file
     from vgen.generate import generate as run_generate
-    from vgen.ui import console, progress_bar
+    from vgen.ui import progress_bar, say, warn
 
     texts: list[str] = []
     for prompt in prompts or []:
@@ -199,20 +233,19 @@ def generate(
                                 negative_prompt=negative, sampler=sampler, batch_size=batch_size,
                                 init_image=init_image, strength=strength, mask=mask, grid=grid)
     start = time.perf_counter()
-    gen = load_generator(run, checkpoint, device, precision, warn=lambda m: console.print(f"[yellow]{m}[/]"))
+    gen = load_generator(run, checkpoint, device, precision, warn=warn)
     request = request.resolved(gen.cfg)
-    console.print(f"loaded {run} (step {gen.step}, model {gen.sha256[:10]}) on {gen.device}, {gen.precision}",
-                  highlight=False)
+    say(f"loaded {run} (step {gen.step}, model {gen.sha256[:10]}) on {gen.device}, {gen.precision}")
     total = len(request.prompts) * request.n
     with progress_bar("generate", total=total) as advance:
-        summary = run_generate(gen, request, out or default_out_dir(), overwrite=overwrite, progress=advance)
+        summary = run_generate(gen, request, out, overwrite=overwrite, progress=advance, warn=warn)
     rate = summary["timings"]["images_per_s"]
-    console.print(f"[green]wrote[/] {total} images to {summary['out_dir']} in {time.perf_counter() - start:.1f} s "
-                  f"({rate or 0:.1f} images/s sampling)", highlight=False)
+    say(f"wrote {total} images to {summary['out_dir']} in {time.perf_counter() - start:.1f} s "
+        f"({rate or 0:.1f} images/s sampling)", style="green")
     if summary["grid"]:
-        console.print(f"grid: {summary['grid']}", highlight=False)
+        say(f"grid: {summary['grid']}")
     if json_output:
-        print(json.dumps(summary, indent=2, ensure_ascii=False))
+        _print_json(summary)
 
 
 @app.command()
@@ -231,7 +264,7 @@ def evaluate(
     checkpoints: Annotated[str, typer.Option(help="With --run: all (every kept checkpoint), latest, or steps like 1000,2000. The newest gets every metric, earlier ones the benchmark set at one seed per prompt (metric-vs-step plots).")] = "all",
     seed: Annotated[int, typer.Option(help="With --run: image i of each set gets seed S + i.")] = 0,
     steps: Annotated[Optional[int], typer.Option(help="With --run: sampler steps \\[default: the run's flow.sample_steps].")] = None,
-    guidance: Annotated[Optional[float], typer.Option(help="With --run: guidance scale \\[default: the run's flow.sample_guidance].")] = None,
+    guidance: Annotated[Optional[float], typer.Option(parser=finite_float, help="With --run: guidance scale \\[default: the run's flow.sample_guidance].")] = None,
     sampler: Annotated[str, typer.Option(help="With --run: euler or heun.")] = "euler",
     batch_size: Annotated[int, typer.Option(help="With --run: images per generation batch (does not change the pixels).")] = 100,
     precision: Annotated[str, typer.Option(help="With --run: the generator's precision, auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16.")] = "auto",
@@ -251,12 +284,10 @@ def evaluate(
       vgen evaluate --run demo/model --benchmark emoji-scenes --data demo/dataset --out demo/eval
       vgen evaluate demo/samples --data demo/dataset --out demo/eval-samples --metrics clip-score,compositional
     """
-    import json
-
     from vgen.errors import UsageError
     from vgen.evaluate.evaluation import EvalOptions, parse_metrics
     from vgen.evaluate.runner import BenchmarkSettings, evaluate_benchmark, evaluate_generation_dir
-    from vgen.ui import console, metric_table, progress_bar
+    from vgen.ui import console, metric_table, progress_bar, say
 
     if (gen_dir is None) == (run is None):
         raise UsageError("give either GEN_DIR (a `vgen generate` dir) or --run RUN --benchmark emoji-scenes, not both")
@@ -272,7 +303,7 @@ def evaluate(
                           device=device)
 
     def log(message: str) -> None:
-        console.print(message, highlight=False)
+        say(message)
 
     if run is not None:
         settings = BenchmarkSettings(fid_images=fid_images, per_relation=per_relation, per_prompt=per_prompt,
@@ -282,10 +313,21 @@ def evaluate(
     else:
         manifest = evaluate_generation_dir(gen_dir, data, out, options, overwrite, progress_bar, log)
     console.print(metric_table(manifest["metrics"]))
-    console.print(f"[green]wrote[/] {out / 'evaluation.yaml'} in {manifest['timings']['total_s']:.0f} s", highlight=False)
-    console.print(f"report: {out / 'report.html'}", highlight=False)
+    say(f"wrote {out / 'evaluation.yaml'} in {manifest['timings']['total_s']:.0f} s", style="green")
+    say(f"report: {out / 'report.html'}")
     if json_output:
-        print(json.dumps(manifest["headline"], indent=2, ensure_ascii=False))
+        _print_json({"out_dir": str(out.resolve()), "manifest": str((out / "evaluation.yaml").resolve()),
+                     "report": str((out / "report.html").resolve()), **manifest["headline"],
+                     "caveats": manifest.get("caveats", [])})
+
+
+def _fail(message: str, code: int) -> None:
+    from rich.markup import escape
+
+    from vgen.ui import console, printable
+
+    console.print(f"[bold red]error:[/] {escape(printable(message))}", highlight=False, soft_wrap=True)
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -295,18 +337,21 @@ def main(argv: list[str] | None = None) -> None:
     except VgenError as e:
         if _state["debug"]:
             raise
-        from rich.markup import escape
-
-        from vgen.ui import console
-
-        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-        sys.exit(e.exit_code)
+        _fail(str(e), e.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:  # the disk or a path, not a bug: name the path and what to do
+        if _state["debug"]:
+            raise
+        from vgen.errors import os_error_message
+
+        _fail(os_error_message(e), 1)
     except Exception as e:  # an unexpected bug: say so briefly, keep the traceback for --debug
         if _state["debug"]:
             raise
-        print(f"internal error: {type(e).__name__}: {e} (run `vgen --debug ...` for the traceback)",
+        from vgen.ui import printable
+
+        print(f"internal error: {type(e).__name__}: {printable(e)} (run `vgen --debug ...` for the traceback)",
               file=sys.stderr)
         sys.exit(1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,11 +24,49 @@ _MISSING = dataclasses.MISSING
 
 
 class _Invalid(Exception):
-    """A schema mismatch at a key path; turned into a ConfigError once its source is known."""
+    """A schema mismatch at a key path; turned into a ConfigError once its source is known.
+    `section`: the error is about a combination of the keys under `path` (a __post_init__ check)."""
 
-    def __init__(self, path: str, message: str):
+    def __init__(self, path: str, message: str, section: bool = False):
         super().__init__(message)
-        self.path, self.message = path, message
+        self.path, self.message, self.section = path, message, section
+
+
+def bounded(default: Any = _MISSING, *, ge: float | None = None, gt: float | None = None,
+            le: float | None = None, lt: float | None = None, **kwargs: Any) -> Any:
+    """A dataclass field whose value (each item, for a list or tuple) must lie within the bounds;
+    checked when a config is built, and reported with its key path and where it was set."""
+    metadata = {"bounds": (ge, gt, le, lt)}
+    if default is _MISSING:
+        return dataclasses.field(metadata=metadata, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+def check_bounds(instance: Any) -> None:
+    """Check the bounded fields of a config built in Python (from_dict checks them with their key
+    paths before construction); call it from __post_init__."""
+    for f in dataclasses.fields(instance):
+        if "bounds" in f.metadata:
+            try:
+                _check_bounds(f.name, getattr(instance, f.name), f.metadata["bounds"])
+            except _Invalid as e:
+                raise ValueError(e.message) from None
+
+
+def _bounds_text(ge, gt, le, lt) -> str:
+    low = f">= {ge:g}" if ge is not None else f"> {gt:g}" if gt is not None else ""
+    high = f"<= {le:g}" if le is not None else f"< {lt:g}" if lt is not None else ""
+    return " and ".join(part for part in (low, high) if part)
+
+
+def _check_bounds(path: str, value: Any, bounds: tuple) -> None:
+    ge, gt, le, lt = bounds
+    for item in value if isinstance(value, (list, tuple)) else [value]:
+        if item is None or isinstance(item, bool) or not isinstance(item, (int, float)):
+            continue
+        if (ge is not None and item < ge) or (gt is not None and item <= gt) or \
+                (le is not None and item > le) or (lt is not None and item >= lt):
+            raise _Invalid(path, f"{path}: expected a value {_bounds_text(*bounds)}, got {item!r}")
 
 
 def _join(path: str, key: object) -> str:
@@ -117,13 +156,18 @@ def _coerce(tp: Any, value: Any, path: str, base: Any = None) -> Any:
         raise expected
     if origin is float:
         # YAML 1.1 (safe_load) reads `3e-4` as a string: it wants a dot and a signed exponent.
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None and not math.isfinite(number):  # .nan / .inf: never a setting
+            raise _Invalid(path, f"{path}: expected a finite number, got {_show(value)}")
+        if number is not None:
+            return number
         raise expected
     if origin is Path:
         if isinstance(value, Path) or (isinstance(value, str) and value):  # Path("") would be "."
@@ -155,14 +199,16 @@ def _build(cls: type[T], data: dict, path: str, base: T | None = None) -> T:
             default = f.default
         if f.name in data:
             kwargs[f.name] = _coerce(hints[f.name], data[f.name], key, default)
+            if "bounds" in f.metadata:
+                _check_bounds(key, kwargs[f.name], f.metadata["bounds"])
         elif default is not _MISSING:
             kwargs[f.name] = default
         else:
             raise _Invalid(key, f"missing required key '{key}' ({_type_name(hints[f.name])})")
     try:
         return cls(**kwargs)
-    except ValueError as e:  # checks in __post_init__ (ranges, combinations) read like type errors
-        raise _Invalid(path, f"{path}: {e}" if path else str(e)) from None
+    except ValueError as e:  # checks in __post_init__ (combinations of keys) read like type errors
+        raise _Invalid(path, f"{path}: {e}" if path else str(e), section=True) from None
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -205,10 +251,12 @@ def from_dict(cls: type[T], data: dict, *, source: str = "<config>", overrides: 
     try:
         return _build(cls, data, "")
     except _Invalid as e:
-        # Blame the last override that set this key or a section above it, else the file.
+        # Blame the last override that set this key or a section above it (or, for a check of a
+        # section's keys together, a key inside it), else the file.
         for text in reversed(overrides):
             key = parse_override(text)[0]
-            if e.path == key or e.path.startswith((key + ".", key + "[")):
+            if e.path == key or e.path.startswith((key + ".", key + "[")) or \
+                    (e.section and (not e.path or key.startswith(e.path + "."))):
                 source = f"--set {text}"
                 break
         raise ConfigError(f"{source}: {e.message}") from None

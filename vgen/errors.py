@@ -27,3 +27,43 @@ class ManifestError(UsageError):
 
 class MissingDependencyError(VgenError):
     """A system package or optional file that is needed and not installed. Exit code 1."""
+
+
+class BusyError(VgenError):
+    """An output another process is writing right now (its lock is held). Exit code 1."""
+
+
+class IntegrityError(VgenError):
+    """An artifact whose bytes no longer match what its manifest recorded. Exit code 1."""
+
+
+class ArtifactWriteError(VgenError):
+    """An artifact that could not be written (disk full, read-only, no permission). Exit code 1."""
+
+
+_OS_ADVICE = {
+    "ENOSPC": "no space left on the device: free some space, or write to another disk",
+    "EDQUOT": "disk quota exceeded: free some space, or write to another disk",
+    "EROFS": "the file system is read-only: choose a writable directory",
+    "EFBIG": "the file is larger than this file system allows: write to another disk",
+    "EACCES": "permission denied: check its permissions (or choose another directory)",
+    "EPERM": "operation not permitted: check its permissions (or choose another directory)",
+    "ENOENT": "no such file or directory",
+    "ENOTDIR": "a part of the path is not a directory",
+    "EISDIR": "is a directory",
+    "EIO": "input/output error: the disk or network file system failed",
+}
+
+
+def os_error_message(error: OSError, path: object = None, writing: bool = False) -> str:
+    """An OSError as a sentence naming the path and what to do about it."""
+    import errno
+
+    if path is not None and error.filename is not None and str(error.filename) != str(path):
+        target = f"{path} (at {error.filename})"
+    else:
+        target = path if path is not None else error.filename
+    name = errno.errorcode.get(error.errno or 0, "")
+    what = _OS_ADVICE.get(name) or (error.strerror or str(error))
+    verb = "cannot write" if writing else "cannot access"
+    return f"{verb} {target}: {what}" if target is not None else f"{what} ({error})"

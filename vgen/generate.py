@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import json
+import math
 import re
 import sys
 import time
@@ -33,7 +34,8 @@ from vgen.diffusion.flow import interpolate
 from vgen.diffusion.samplers import SAMPLERS, classifier_free_guidance, time_grid, truncate_grid
 from vgen.errors import ManifestError, UsageError
 from vgen.grid import make_grid, to_uint8
-from vgen.manifest import check_output_dir, read_manifest, sha256_file, write_manifest
+from vgen.manifest import read_manifest, sha256_file, write_manifest
+from vgen.outputs import claim_new_dir, claim_output_dir
 from vgen.train.randomness import generator
 
 RUN_MANIFEST = "run.yaml"
@@ -329,6 +331,8 @@ class GenerationRequest:
         for name, value in (("-n", self.n), ("--steps", steps), ("--batch-size", self.batch_size)):
             if value < 1:
                 raise UsageError(f"{name}: expected at least 1, got {value}")
+        if not (math.isfinite(guidance) and guidance >= 0):
+            raise UsageError(f"--guidance: expected a finite scale >= 0 (1 = no guidance), got {guidance}")
         if self.init_image is None and (self.mask is not None or self.strength is not None):
             raise UsageError("--mask and --strength edit an image: give it with --init-image")
         strength = self.strength
@@ -354,13 +358,15 @@ def read_prompt_file(source: str | Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def default_out_dir(root: Path = Path("generations")) -> Path:
-    """`generations/YYYYmmdd-HHMMSS` under the current directory (with -2, -3... if taken)."""
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path, k = root / stamp, 2
-    while path.exists():
-        path, k = root / f"{stamp}-{k}", k + 1
-    return path
+DEFAULT_ROOT = Path("generations")  # default outputs: generations/YYYYmmdd-HHMMSS[-N]
+
+
+def _claim(out_dir: Path | None, overwrite: bool, inputs: list[tuple[str, Path]], warn: Callable[[str], None]):
+    """The generation dir, locked: `out_dir` (new, empty or an earlier generation), or a new unique
+    `generations/YYYYmmdd-HHMMSS[-N]` (two runs in the same second get different names)."""
+    if out_dir is None:
+        return claim_new_dir(DEFAULT_ROOT, _dt.datetime.now().strftime("%Y%m%d-%H%M%S"), warn=warn)
+    return claim_output_dir(out_dir, GENERATION_MANIFEST, "generation", overwrite, inputs=inputs, warn=warn)
 
 
 def file_name(index: int, prompt: str) -> str:
@@ -418,18 +424,41 @@ def _describe(gen: LoadedGenerator, request: GenerationRequest) -> tuple[dict, d
     return model, settings, edit
 
 
-def generate(gen: LoadedGenerator, request: GenerationRequest, out_dir: Path, overwrite: bool = False,
-             progress: Callable[[int], None] = lambda n: None) -> dict:
-    """Run `request` and write the generation dir at `out_dir` (atomically: complete or absent).
-    Returns the summary `--json` prints."""
+def _truncated_prompts(gen: LoadedGenerator, prompts: list[str], warn: Callable[[str], None]) -> dict[str, int]:
+    """Prompts longer than the text encoder's context (it sees only their start): warned about and
+    recorded with their token counts."""
+    encoder = gen.model.text_encoder
+    long = {}
+    for prompt in dict.fromkeys(prompts):
+        count = encoder.token_count(prompt)
+        if count is not None and count > encoder.context_length:
+            long[prompt] = count
+    for prompt, count in long.items():
+        shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+        warn(f"prompt {shown!r} needs {count} tokens; the text encoder's context holds {encoder.context_length}, "
+             "so the model sees only its beginning")
+    return long
+
+
+def generate(gen: LoadedGenerator, request: GenerationRequest, out_dir: Path | None = None, overwrite: bool = False,
+             progress: Callable[[int], None] = lambda n: None, warn: Callable[[str], None] | None = None) -> dict:
+    """Run `request` and write the generation dir at `out_dir` (default: a new
+    generations/YYYYmmdd-HHMMSS), atomically: complete or absent. Returns the summary `--json` prints."""
     request = request.resolved(gen.cfg)
-    out_dir = Path(out_dir)
-    check_output_dir(out_dir, GENERATION_MANIFEST, "generation", overwrite)
+    warn = warn or (lambda m: print(m, file=sys.stderr))
+    inputs = [("run dir", gen.run_dir)] + [(name, path) for name, path in
+                                           (("--init-image", request.init_image), ("--mask", request.mask)) if path]
+    with _claim(None if out_dir is None else Path(out_dir), overwrite, inputs, warn) as claimed:
+        return _generate(gen, request, claimed, progress, warn)
+
+
+def _generate(gen: LoadedGenerator, request: GenerationRequest, out_dir: Path, progress, warn) -> dict:
     _, height, width = gen.image_shape
     edit = None
     if request.init_image is not None:
         edit = load_edit_inputs(request.init_image, height, request.strength, request.mask)
     model_info, settings, edit_info = _describe(gen, request)
+    truncated = _truncated_prompts(gen, request.prompts, warn)
     # Image i of the request, prompt-major: prompt i // n, seed + i.
     jobs = [(prompt, request.seed + i)
             for i, prompt in enumerate(p for p in request.prompts for _ in range(request.n))]
@@ -453,6 +482,8 @@ def generate(gen: LoadedGenerator, request: GenerationRequest, out_dir: Path, ov
                        "guidance": request.guidance, "sampler": request.sampler}
                 if edit_info:
                     row["strength"] = request.strength
+                if prompt in truncated:
+                    row["truncated"] = {"tokens": truncated[prompt], "context": gen.model.text_encoder.context_length}
                 metadata = {**row, "index": index, "width": width, "height": height, "model_sha256": gen.sha256,
                             "run": model_info["run"], "checkpoint_step": gen.step,
                             "text_encoder": model_info["text_encoder"], **(edit_info or {}),
@@ -472,10 +503,12 @@ def generate(gen: LoadedGenerator, request: GenerationRequest, out_dir: Path, ov
                    "images_per_s": round(len(jobs) / sample_s, 3) if sample_s > 0 else None}
         write_manifest(tmp / GENERATION_MANIFEST, "generation", {
             "model": model_info, "settings": settings, "edit": edit_info, "device": str(gen.device),
-            "precision": gen.precision, "timings": timings, "grid": grid_file, "images": rows})
+            "precision": gen.precision, "timings": timings, "grid": grid_file,
+            "truncated_prompts": len(truncated), "images": rows})
 
     out = out_dir.resolve()
     return {"out_dir": str(out), "manifest": str(out / GENERATION_MANIFEST),
             "grid": str(out / grid_file) if grid_file else None, "model": model_info, "settings": settings,
             "edit": edit_info, "device": str(gen.device), "precision": gen.precision, "timings": timings,
+            "truncated_prompts": list(truncated),
             "images": [{"file": str(out / r["file"]), "prompt": r["prompt"], "seed": r["seed"]} for r in rows]}

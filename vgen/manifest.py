@@ -19,7 +19,7 @@ import yaml
 
 from vgen import __version__
 from vgen.atomic import atomic_write_text
-from vgen.errors import ManifestError, UsageError, VgenError
+from vgen.errors import IntegrityError, ManifestError, VgenError
 
 SCHEMA_VERSION = 1
 
@@ -93,32 +93,35 @@ def read_manifest(
     return data
 
 
+def resolve_inside(root: str | os.PathLike, relative: Any, where: str) -> Path:
+    """`root / relative` for a path read from a manifest at `where`, refused unless it stays inside
+    `root`: no absolute path, no `..`, no symlink out. A manifest names files of its own directory
+    only, so a hostile one cannot make a stage read (or embed in a report) anything else."""
+    root = Path(root)
+    if not isinstance(relative, str) or not relative.strip():
+        raise ManifestError(f"{where}: expected a relative file path, got {relative!r}")
+    rel = Path(relative)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise ManifestError(f"{where}: {relative!r} is not a path inside {root}; a manifest may only name files "
+                            "in its own directory")
+    full = root / rel
+    real_root, real = root.resolve(), full.resolve()
+    if real != real_root and real_root not in real.parents:
+        raise ManifestError(f"{where}: {relative!r} resolves to {real}, outside {root} (through a symlink); a "
+                            "manifest may only name files in its own directory")
+    return full
+
+
 def verify_files(root: str | os.PathLike, entries: Iterable[Mapping[str, Any]], manifest: str) -> None:
-    """Check that each entry's `file` (relative to `root`) exists and matches its recorded `sha256`."""
+    """Check that each entry's `file` (inside `root`) exists and matches its recorded `sha256`."""
     root = Path(root)
     for entry in entries:
-        file = root / entry["file"]
+        file = resolve_inside(root, entry.get("file"), manifest)
         if not file.is_file():
             raise ManifestError(f"{manifest}: lists {entry['file']}, which is missing under {root}")
         actual = sha256_file(file)
-        if actual != entry["sha256"]:
-            raise ManifestError(
-                f"{file}: sha256 {actual[:12]}… does not match {entry['sha256'][:12]}… recorded in "
+        if actual != entry.get("sha256"):
+            raise IntegrityError(
+                f"{file}: sha256 {actual[:12]}… does not match {str(entry.get('sha256'))[:12]}… recorded in "
                 f"{manifest}; the file was changed after it was written"
             )
-
-
-def check_output_dir(out_dir: str | os.PathLike, manifest: str, kind: str, overwrite: bool) -> None:
-    """`--out` of a stage that writes a directory holding `manifest`: new, empty, or (with
-    `overwrite`) an earlier output of the same kind; anything else is refused before any work."""
-    out_dir = Path(out_dir)
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise UsageError(f"--out {out_dir}: exists and is not a directory")
-    if (out_dir / manifest).is_file():
-        if not overwrite:
-            raise UsageError(f"--out {out_dir}: holds an earlier {kind}; pass --overwrite to replace it")
-    elif any(out_dir.iterdir()):
-        raise UsageError(f"--out {out_dir}: exists and is not a {kind} dir (no {manifest}); "
-                         "choose a new or empty directory")

@@ -6,6 +6,7 @@ Human output goes to stderr so that stdout stays free for machine-readable outpu
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterator
 
 from rich.console import Console
@@ -22,6 +23,28 @@ from rich.progress import (
 from rich.text import Text
 
 console = Console(stderr=True, soft_wrap=True)  # no hard wraps: paths in messages stay copyable
+
+# C0/C1 control characters other than newline and tab: rich passes ESC through, so a file name or
+# prompt could otherwise move the cursor, recolour or retitle the user's terminal.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: object) -> str:
+    """Untrusted text (paths, prompts, captions) for the terminal: control characters are shown as
+    escapes (\\x1b), never sent raw."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
+
+
+def say(message: object, style: str | None = None) -> None:
+    """Print a message of ours that may hold untrusted text: no markup is interpreted in it and no
+    control character reaches the terminal."""
+    from rich.text import Text
+
+    console.print(Text(printable(message), style=style or ""), highlight=False)
+
+
+def warn(message: object) -> None:
+    say(f"warning: {message}", style="yellow")
 
 
 class RateColumn(ProgressColumn):

@@ -2,12 +2,15 @@
 
 Captions reach the model through a tokenizer that is sensitive to Unicode form and whitespace, so
 every caption is NFC-normalized and has its whitespace collapsed here, once, for every source.
+Terminal control characters (ANSI escape sequences, other C0/C1 controls) are removed too: they
+carry no meaning for a text encoder, and a caption is echoed in terminals and reports.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +37,25 @@ def decode_caption_bytes(data: bytes) -> tuple[str, str | None]:
     raise AssertionError("latin-1 decodes every byte string")
 
 
+# ECMA-48 escape sequences: CSI (ESC [ ... final byte), OSC (ESC ] ... BEL or ESC \\), and the
+# two-byte ESC sequences; then any other C0/C1 control character except tab, newline and CR (which
+# are whitespace, collapsed like the rest).
+_ESCAPE_SEQUENCE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def strip_control_characters(text: str) -> tuple[str, int]:
+    """`text` without escape sequences and control characters (each other control becomes a space,
+    so two words it separated stay apart), and how many were removed."""
+    text, sequences = _ESCAPE_SEQUENCE.subn("", text)
+    text, controls = _CONTROL.subn(" ", text)
+    return text, sequences + controls
+
+
 def clean_caption(text: str) -> str:
-    """NFC-normalize and collapse runs of whitespace (incl. tabs, NBSP) into single spaces."""
-    return " ".join(unicodedata.normalize("NFC", text).split())
+    """Remove control characters, NFC-normalize and collapse runs of whitespace (incl. tabs, NBSP)
+    into single spaces."""
+    return " ".join(unicodedata.normalize("NFC", strip_control_characters(text)[0]).split())
 
 
 def clean_captions(texts: list[str]) -> list[str]:

@@ -15,16 +15,63 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from vgen.atomic import atomic_write_text
 from vgen.data.preprocess import DATASET_MANIFEST, INDEX_FILE, SPLITS
 from vgen.data.shards import open_shard
-from vgen.errors import ManifestError, UsageError
-from vgen.manifest import read_manifest, sha256_file, verify_files
+from vgen.errors import IntegrityError, ManifestError, UsageError, VgenError
+from vgen.manifest import read_manifest, resolve_inside, sha256_file, verify_files
 
 REQUIRED_KEYS = ("resolution", "shards", "index.file", "index.sha256", "counts.kept")
+# Files already hashed and found intact, by (size, mtime, inode): a dataset is hashed once, not at
+# every load. A file changed in place gets a new mtime and is hashed again.
+VERIFIED_CACHE = ".vgen-cache/verified.json"
 
 
 def load_dataset_manifest(dataset_dir: str | Path) -> dict:
     return read_manifest(Path(dataset_dir) / DATASET_MANIFEST, "dataset", REQUIRED_KEYS)
+
+
+def _stat_key(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def verify_dataset(dataset_dir: str | Path, manifest: dict | None = None) -> None:
+    """Check the index and every shard against the sha256 that dataset.yaml recorded (IntegrityError
+    naming the file if one differs). Files whose size, mtime and inode are those of an earlier
+    successful check are not hashed again (DATASET/.vgen-cache/verified.json); when that cache
+    cannot be written (a read-only dataset), the next load simply hashes again."""
+    root = Path(dataset_dir)
+    manifest = manifest or load_dataset_manifest(root)
+    manifest_path = str(root / DATASET_MANIFEST)
+    cache_path = root / VERIFIED_CACHE
+    try:
+        cache = json.loads(cache_path.read_text(encoding="utf-8"))
+        cache = cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):
+        cache = {}
+    entries = [*manifest["shards"], manifest["index"]]
+    verified, changed = {}, False
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise ManifestError(f"{manifest_path}: a shard entry is {entry!r}, expected a mapping with file and sha256")
+        file = resolve_inside(root, entry.get("file"), manifest_path)
+        name = str(entry["file"])
+        seen = cache.get(name)
+        if file.is_file() and isinstance(seen, dict) and seen.get("sha256") == entry.get("sha256") \
+                and seen.get("stat") == _stat_key(file):
+            verified[name] = seen
+            continue
+        try:
+            verify_files(root, [entry], manifest_path)
+        except IntegrityError as e:
+            raise IntegrityError(f"{e}. Rebuild the dataset with `vgen preprocess`") from None
+        verified[name], changed = {"sha256": entry["sha256"], "stat": _stat_key(file)}, True
+    if changed:
+        try:
+            atomic_write_text(cache_path, json.dumps(verified, indent=0) + "\n")
+        except (OSError, VgenError):
+            pass
 
 
 class ImageCaptionDataset(Dataset):
@@ -32,11 +79,13 @@ class ImageCaptionDataset(Dataset):
 
     `dataset[i]` returns {"image": uint8 tensor 3xRxR, "caption": str, "id": int} with a caption drawn
     at random (torch's RNG, so DataLoader worker seeding applies) from the image's captions.
+    With `verify` (the default) the index and shards are first checked against their recorded
+    sha256 (verify_dataset; cached, so only the first load of a dataset pays for the hashing).
     `dataset.item(i, caption_seed)` draws the caption from `caption_seed` instead, for training loops
     that derive all randomness from (seed, step, sample index).
     """
 
-    def __init__(self, dataset_dir: str | Path, split: str = "train", verify: bool = False):
+    def __init__(self, dataset_dir: str | Path, split: str = "train", verify: bool = True):
         if split not in SPLITS:
             raise UsageError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
         self.root = Path(dataset_dir)
@@ -44,10 +93,10 @@ class ImageCaptionDataset(Dataset):
         self.split = split
         self.resolution = int(self.manifest["resolution"])
         manifest_path = str(self.root / DATASET_MANIFEST)
-        index_path = self.root / self.manifest["index"]["file"]
+        index_path = resolve_inside(self.root, self.manifest["index"]["file"], manifest_path)
         if verify:
-            verify_files(self.root, self.manifest["shards"], manifest_path)
-            verify_files(self.root, [self.manifest["index"]], manifest_path)
+            verify_dataset(self.root, self.manifest)
+        shards = {entry.get("file") for entry in self.manifest["shards"] if isinstance(entry, dict)}
         self.ids: list[int] = []
         self.captions: list[list[str]] = []
         self._locations: list[tuple[str, int]] = []
@@ -55,11 +104,14 @@ class ImageCaptionDataset(Dataset):
             with open(index_path, encoding="utf-8") as f:
                 for line in f:
                     row = json.loads(line)
+                    if row["shard"] not in shards:
+                        raise ManifestError(f"{index_path}: row {row.get('id')} names shard {row['shard']!r}, "
+                                            f"which {DATASET_MANIFEST} does not list")
                     if row["split"] == split:
                         self.ids.append(row["id"])
                         self.captions.append(row["captions"])
                         self._locations.append((row["shard"], row["row"]))
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise ManifestError(f"{index_path}: unreadable dataset index ({e}); re-run vgen preprocess") from None
         self._shards: dict[str, dict[str, np.ndarray]] = {}
 
@@ -74,7 +126,8 @@ class ImageCaptionDataset(Dataset):
         shard, row = self._locations[i]
         arrays = self._shards.get(shard)
         if arrays is None:
-            arrays = self._shards[shard] = open_shard(self.root / shard)
+            path = resolve_inside(self.root, shard, str(self.root / DATASET_MANIFEST))
+            arrays = self._shards[shard] = open_shard(path)
             expected = (3, self.resolution, self.resolution)
             if arrays["images"].shape[1:] != expected:
                 raise ManifestError(f"{self.root / shard}: images of shape {arrays['images'].shape[1:]}, "

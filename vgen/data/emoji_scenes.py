@@ -19,6 +19,8 @@ from types import MappingProxyType
 
 from vgen.atomic import atomic_directory, atomic_write_text
 from vgen.errors import MissingDependencyError, UsageError
+from vgen.manifest import write_manifest
+from vgen.outputs import claim_output_dir
 
 FONT_PACKAGE = "fonts-noto-color-emoji"
 DEFAULT_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
@@ -259,20 +261,22 @@ class SceneRenderer:
         return image
 
 
+SCENES_MANIFEST = ".emoji-scenes.yaml"  # hidden: preprocess skips it, so a raw folder stays images + captions
+
+
 def write_emoji_scenes(out_dir: str | os.PathLike, count: int, seed: int = 0, overwrite: bool = False,
                        progress: Callable[[int], None] | None = None) -> dict:
-    """Write scenes 0..count-1 as `NNNNNN.png` + `NNNNNN.txt` (caption) into `out_dir`, atomically."""
+    """Write scenes 0..count-1 as `NNNNNN.png` + `NNNNNN.txt` (caption) into `out_dir`, atomically,
+    with a small manifest (.emoji-scenes.yaml) so that `overwrite` replaces only such a folder."""
     out_dir = Path(out_dir)
     if count < 1:
         raise UsageError(f"--count must be at least 1, got {count}")
-    if (out_dir.exists() or out_dir.is_symlink()) and not overwrite:
-        raise UsageError(f"{out_dir} already exists; pass --overwrite to replace it")
-    renderer = SceneRenderer()  # before creating anything, so a missing font leaves no partial folder
-    width = max(6, len(str(count - 1)))
-    counts = dict.fromkeys(RELATIONS, 0)
-    pending = 0
-    try:
-        with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    with claim_output_dir(out_dir, SCENES_MANIFEST, "emoji-scenes", overwrite, option="OUT_DIR"):
+        renderer = SceneRenderer()  # before creating anything, so a missing font leaves no partial folder
+        width = max(6, len(str(count - 1)))
+        counts = dict.fromkeys(RELATIONS, 0)
+        pending = 0
+        with atomic_directory(out_dir, overwrite=True) as tmp:
             for index in range(count):
                 scene = scene_spec(seed, index)
                 counts[scene.relation] += 1
@@ -287,9 +291,8 @@ def write_emoji_scenes(out_dir: str | os.PathLike, count: int, seed: int = 0, ov
                     pending = 0
             if progress is not None and pending:
                 progress(pending)
-    except FileExistsError as e:  # another process created out_dir meanwhile
-        raise UsageError(f"{out_dir} already exists; pass --overwrite to replace it") from e
-    return {"count": count, "seed": seed, "relations": counts, "out_dir": str(out_dir)}
+            write_manifest(tmp / SCENES_MANIFEST, "emoji-scenes", {"count": count, "seed": seed, "relations": counts})
+    return {"count": count, "seed": seed, "relations": counts, "out_dir": str(out_dir.resolve())}
 
 
 def benchmark_prompts(split: str, per_relation: int, seed: int = 0) -> list[str]:

@@ -21,15 +21,16 @@ from pathlib import Path
 import numpy as np
 
 from vgen.atomic import atomic_directory
-from vgen.data.captions import clean_captions, sidecar_captions
+from vgen.data.captions import clean_captions, decode_caption_bytes, sidecar_captions, strip_control_characters
 from vgen.data.discovery import Candidate, discover, normalize_caption_extensions
 from vgen.data.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
 from vgen.data.shards import ShardWriter, rows_per_shard
 from vgen.data.transforms import RESAMPLE_NAME, center_crop_resize
 from vgen.errors import UsageError, VgenError
 from vgen.manifest import sha256_file, write_manifest
+from vgen.outputs import claim_output_dir
 from vgen.text.tokenizer import DEFAULT_CONTEXT_LENGTH, CaptionTokenizer
-from vgen.ui import console, progress_bar
+from vgen.ui import console, printable, progress_bar, say, warn
 
 DATASET_MANIFEST = "dataset.yaml"
 INDEX_FILE = "index.jsonl"
@@ -89,6 +90,7 @@ class _Outcome:
     digest: bytes = b""
     captions: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    controls: int = 0  # terminal control characters / escape sequences removed from the captions
     size: tuple[int, int] = (0, 0)
     pixels: bytes = b""
 
@@ -109,12 +111,15 @@ def _process(candidate: Candidate) -> _Outcome:
         out.reason, out.detail = candidate.skip
         return out
     texts = list(candidate.metadata_captions)
+    out.controls = sum(strip_control_characters(t)[1] for t in texts)
     for sidecar in candidate.sidecars:
         try:
-            lines, note = sidecar_captions(Path(sidecar).read_bytes())
+            data = Path(sidecar).read_bytes()
         except OSError as e:
             out.notes.append(f"{os.path.basename(sidecar)}: unreadable ({e.strerror})")
             continue
+        lines, note = sidecar_captions(data)
+        out.controls += strip_control_characters(decode_caption_bytes(data)[0])[1]
         texts.extend(lines)
         if note:
             out.notes.append(f"{os.path.basename(sidecar)}: {note}")
@@ -194,10 +199,14 @@ def preprocess(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, options: 
     raw, out = Path(raw_dir).resolve(), Path(out_dir).resolve()
     if not raw.is_dir():
         raise UsageError(f"{raw_dir}: not a directory (expected a raw folder of images and captions)")
-    if out == raw or raw in out.parents:
+    if raw in out.parents:
         raise UsageError(f"-o {out_dir} is inside the raw folder {raw_dir}; choose a directory outside it")
-    if out.exists() and not options.overwrite:
-        raise UsageError(f"{out_dir} already exists; pass --overwrite to replace it")
+    with claim_output_dir(out, DATASET_MANIFEST, "dataset", options.overwrite, inputs=[("raw folder", raw_dir)],
+                          option="-o", warn=warn):
+        return _preprocess(raw, out, raw_dir, out_dir, options)
+
+
+def _preprocess(raw: Path, out: Path, raw_dir, out_dir, options: PreprocessOptions) -> dict:
 
     def candidates() -> Iterator[Candidate]:
         return discover(raw, options.caption_extensions or None, options.caption_column)
@@ -211,7 +220,7 @@ def preprocess(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, options: 
     examples: dict[str, tuple[str, str]] = {}
     first_seen: dict[bytes, str] = {}  # content hash -> first path, for exact duplicates
     stats = _Stats()
-    kept = truncated = lenient = 0
+    kept = truncated = lenient = controls = controlled_images = 0
     truncated_example = ""
 
     with atomic_directory(out, overwrite=options.overwrite) as tmp:
@@ -241,6 +250,8 @@ def preprocess(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, options: 
                     truncated_example = outcome.path
                 truncated += sum(over)
                 lenient += any("not UTF-8" in n for n in outcome.notes)
+                controls += outcome.controls
+                controlled_images += outcome.controls > 0
                 stats.add("captions_per_image", len(outcome.captions))
                 for t in tokens:
                     stats.add("tokens", t)
@@ -266,6 +277,9 @@ def preprocess(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, options: 
 
         seen = kept + sum(skipped.values())
         _print_summary(raw_dir, seen, kept, skipped, examples, truncated, truncated_example, lenient, options)
+        if controls:
+            warn(f"{controls} terminal control characters or escape sequences were removed from the captions of "
+                 f"{controlled_images} images")
         if kept == 0:
             raise VgenError(
                 f"nothing kept from {raw_dir}: all {seen} files were skipped (reasons above); "
@@ -301,6 +315,8 @@ def preprocess(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, options: 
                     "tokens": stats.summary("tokens"),
                     "truncated": truncated,
                     "non_utf8_decoded": lenient,
+                    "control_characters_removed": controls,
+                    "images_with_control_characters": controlled_images,
                 },
                 "options": {
                     **{k: v for k, v in asdict(options).items() if k not in ("overwrite", "resolution")},
@@ -309,31 +325,30 @@ def preprocess(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, options: 
                 },
             },
         )
-    console.print(f"[green]wrote[/] {out_dir}/{DATASET_MANIFEST}: {kept} images "
-                  f"({split_counts['train']} train, {split_counts['val']} val)")
+    say(f"wrote {out_dir}/{DATASET_MANIFEST}: {kept} images ({split_counts['train']} train, {split_counts['val']} val)",
+        style="green")
     return manifest
 
 
 def _print_summary(raw_dir, seen, kept, skipped, examples, truncated, truncated_example, lenient, options) -> None:
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"preprocess {raw_dir}: {kept} of {seen} files kept", title_justify="left")
+    table = Table(title=Text(printable(f"preprocess {raw_dir}: {kept} of {seen} files kept")), title_justify="left")
     table.add_column("skipped because")
     table.add_column("files", justify="right")
     table.add_column("for example")
     for reason, count in skipped.most_common():
         path, detail = examples[reason]
-        table.add_row(reason, str(count), f"{path}: {detail}")
+        table.add_row(reason, str(count), Text(printable(f"{path}: {detail}")))
     if skipped:
         console.print(table)
         console.print(f"every skipped file is listed in {SKIPPED_FILE} with its reason")
     else:
-        console.print(f"preprocess {raw_dir}: {kept} of {seen} files kept, none skipped")
+        say(f"preprocess {raw_dir}: {kept} of {seen} files kept, none skipped")
     if truncated:
-        console.print(
-            f"[yellow]{truncated} captions are longer than the text encoder's {options.context_length}-token "
-            f"context and will be truncated[/] (e.g. {truncated_example})"
-        )
+        warn(f"{truncated} captions are longer than the text encoder's {options.context_length}-token context and "
+             f"will be truncated (e.g. {truncated_example})")
     if lenient:
         console.print(f"[yellow]{lenient} images have captions that were not UTF-8[/]; they were decoded "
                       f"leniently (see 'notes' in {INDEX_FILE})")

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vgen.errors import ManifestError, MissingDependencyError, UsageError
-from vgen.manifest import read_manifest, sha256_file, write_manifest
+from vgen.errors import IntegrityError, ManifestError, MissingDependencyError, UsageError
+from vgen.manifest import read_manifest, resolve_inside, sha256_file, write_manifest
 
 EVALUATION_MANIFEST = "evaluation.yaml"
 VERDICTS_FILE = "verdicts.jsonl"
@@ -107,12 +107,12 @@ def read_generation_dir(path: str | Path, name: str | None = None) -> ImageSet:
     for k, row in enumerate(rows):
         if not isinstance(row, dict) or not {"file", "prompt"} <= row.keys():
             raise ManifestError(f"{manifest_path}: images[{k}] needs `file` and `prompt`")
-        file = path / row["file"]
+        file = resolve_inside(path, row["file"], f"{manifest_path}: images[{k}].file")
         if not file.is_file():
             raise ManifestError(f"{manifest_path}: images[{k}] names {row['file']}, which is missing from {path}")
         if "sha256" in row and sha256_file(file) != row["sha256"]:
-            raise ManifestError(f"{file}: its sha256 differs from the one in {manifest_path}; the image was "
-                                "changed after it was generated")
+            raise IntegrityError(f"{file}: its sha256 differs from the one in {manifest_path}; the image was "
+                                 "changed after it was generated")
         with Image.open(file) as im:
             pixels = np.asarray(im.convert("RGB"))
         images.append(torch.from_numpy(pixels.copy()).permute(2, 0, 1))
@@ -351,6 +351,35 @@ def evaluate_sets(fid_set: ImageSet, judged_set: ImageSet, data_dir: Path, clip_
             results.update(out)
             seconds[name] = round(time.perf_counter() - start, 1)
     return {m: results[m] for m in METRICS if m in results}, verdicts, seconds
+
+
+# Below this many generated images FID is strongly biased upward and KID noisy (Chong & Forsyth 2020,
+# "Effectively Unbiased FID and Inception Score and where to find them"): numbers of different N
+# do not compare.
+SMALL_SET = 1000
+DISTRIBUTION_METRICS = ("fid", "kid", "precision-recall", "fd-clip", "kid-clip")
+
+
+def caveats(fid_set: ImageSet, data_dir: Path, metrics: dict[str, dict]) -> list[str]:
+    """What a reader must know before trusting the distribution metrics: generated images of another
+    size than the dataset's, and a generated set far smaller than the reference or than SMALL_SET."""
+    from vgen.data.dataset import load_dataset_manifest
+
+    notes = []
+    resolution = int(load_dataset_manifest(data_dir)["resolution"])
+    height, width = fid_set.images.shape[-2:]
+    if (height, width) != (resolution, resolution):
+        notes.append(f"the {fid_set.name} images are {width}x{height} but the dataset's are {resolution}x{resolution}: "
+                     "feature metrics then measure the difference in size as well as in content")
+    measured = [name for name in DISTRIBUTION_METRICS if name in metrics and "unavailable" not in metrics[name]]
+    references = [metrics[name].get("reference", {}).get("n") for name in measured]
+    reference_n = max((n for n in references if isinstance(n, int)), default=None)
+    n = len(fid_set.images)
+    if measured and (n < SMALL_SET or (reference_n and n < reference_n / 4)):
+        notes.append(f"{', '.join(measured)}: {n} generated images against {reference_n} reference images; at "
+                     "this N FID is biased upward and KID is noisy, so compare only numbers of the same N "
+                     f"(at least {SMALL_SET} images, e.g. `vgen evaluate --run ... --fid-images 2000`)")
+    return notes
 
 
 def headline(metrics: dict[str, dict]) -> dict[str, Any]:

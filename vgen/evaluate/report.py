@@ -25,6 +25,7 @@ SHOWN = 96  # px each image is drawn at (nearest-neighbour upscaling keeps the p
 _CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
 h1{font-size:1.6em}h2{margin-top:2em;border-bottom:1px solid #ddd}
+.caveats{color:#8a5a00}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left}
 th{background:#f5f5f5}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .muted{color:#777}.unavail{color:#a60}
@@ -300,6 +301,9 @@ def render_report(manifest: dict, sets: dict[str, ImageSet], verdicts: list[dict
     parts = ["<!doctype html><html lang=en><head><meta charset=utf-8><title>vgen evaluation</title>",
              f"<style>{_CSS}</style></head><body><h1>vgen evaluation</h1>", head,
              "<h2>Metrics</h2>", metric_table(metrics)]
+    if manifest.get("caveats"):
+        parts.append("<ul class=caveats>" + "".join(f"<li>Caveat: {_e(note)}</li>" for note in manifest["caveats"])
+                     + "</ul>")
     if "compositional" in metrics:
         parts += ["<h2>Compositional accuracy</h2>", compositional_section(metrics["compositional"])]
     plots = by_step_plot(manifest.get("by_step") or []) + loss_plot(run_dir)

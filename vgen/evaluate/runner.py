@@ -26,11 +26,12 @@ from typing import Any
 
 from vgen.atomic import atomic_directory
 from vgen.errors import UsageError
-from vgen.manifest import check_output_dir
+from vgen.outputs import claim_output_dir
 from vgen.evaluate.evaluation import (
     EVALUATION_MANIFEST,
     EvalOptions,
     ImageSet,
+    caveats,
     Log,
     ProgressFactory,
     clip_metrics,
@@ -124,8 +125,6 @@ def evaluate_benchmark(run_dir: Path, data_dir: Path, out_dir: Path, options: Ev
                        settings: BenchmarkSettings, benchmark: str = "emoji-scenes", overwrite: bool = False,
                        progress: ProgressFactory | None = None, log: Log | None = None) -> dict:
     """Generate the benchmark's sets from the run's checkpoint(s), evaluate them, write EVAL_DIR."""
-    from vgen.generate import load_generator
-
     progress, log = progress or _no_progress, log or (lambda m: None)
     if benchmark not in BENCHMARKS:
         raise UsageError(f"--benchmark: unknown {benchmark!r}; expected one of {', '.join(BENCHMARKS)}")
@@ -133,8 +132,16 @@ def evaluate_benchmark(run_dir: Path, data_dir: Path, out_dir: Path, options: Ev
                         ("--per-prompt", settings.per_prompt), ("--batch-size", settings.batch_size)):
         if value < 1:
             raise UsageError(f"{name}: expected at least 1, got {value}")
-    out_dir = Path(out_dir)
-    check_output_dir(out_dir, EVALUATION_MANIFEST, "evaluation", overwrite)
+    with claim_output_dir(out_dir, EVALUATION_MANIFEST, "evaluation", overwrite,
+                          inputs=[("run dir", run_dir), ("dataset", data_dir)], warn=log):
+        return _evaluate_benchmark(Path(run_dir), Path(data_dir), Path(out_dir), options, settings, benchmark,
+                                   progress, log)
+
+
+def _evaluate_benchmark(run_dir: Path, data_dir: Path, out_dir: Path, options: EvalOptions,
+                        settings: BenchmarkSettings, benchmark: str, progress: ProgressFactory, log: Log) -> dict:
+    from vgen.generate import load_generator
+
     steps = _select_checkpoints(Path(run_dir), settings.checkpoints)
     start = time.perf_counter()
     prompts_fid = fid_prompts(data_dir, settings.fid_images)
@@ -178,12 +185,15 @@ def evaluate_benchmark(run_dir: Path, data_dir: Path, out_dir: Path, options: Ev
                 },
                 "generation_s": round(generation_s, 1),
             }
+        notes = caveats(sets["fid"], data_dir, metrics)
+        for note in notes:
+            log(f"caveat: {note}")
         body = {
             "mode": "benchmark", "benchmark": benchmark, "run": str(Path(run_dir).resolve()),
             "checkpoint_step": steps[-1], "dataset": {"path": str(Path(data_dir).resolve()),
                                                       "sha256": _dataset_sha(data_dir)},
             "generation": generation, "options": {**options_record(options), **dataclasses.asdict(settings)},
-            "headline": headline(metrics), "metrics": metrics, "by_step": by_step,
+            "headline": headline(metrics), "caveats": notes, "metrics": metrics, "by_step": by_step,
             "timings": {"metrics_s": seconds, "total_s": round(time.perf_counter() - start, 1)},
             "command": " ".join(sys.argv),
         }
@@ -196,11 +206,16 @@ def evaluate_generation_dir(gen_dir: Path, data_dir: Path, out_dir: Path, option
                             overwrite: bool = False, progress: ProgressFactory | None = None,
                             log: Log | None = None) -> dict:
     """Evaluate the images of a `vgen generate` dir against the dataset; write EVAL_DIR."""
+    progress, log = progress or _no_progress, log or (lambda m: None)
+    with claim_output_dir(out_dir, EVALUATION_MANIFEST, "evaluation", overwrite,
+                          inputs=[("generation dir", gen_dir), ("dataset", data_dir)], warn=log):
+        return _evaluate_generation_dir(Path(gen_dir), Path(data_dir), Path(out_dir), options, progress, log)
+
+
+def _evaluate_generation_dir(gen_dir: Path, data_dir: Path, out_dir: Path, options: EvalOptions,
+                             progress: ProgressFactory, log: Log) -> dict:
     from vgen.generate import run_text_encoder_source
 
-    progress, log = progress or _no_progress, log or (lambda m: None)
-    out_dir = Path(out_dir)
-    check_output_dir(out_dir, EVALUATION_MANIFEST, "evaluation", overwrite)
     start = time.perf_counter()
     images = read_generation_dir(gen_dir)
     clip_source = options.clip
@@ -209,6 +224,9 @@ def evaluate_generation_dir(gen_dir: Path, data_dir: Path, out_dir: Path, option
         clip_source = run_text_encoder_source(run_dir)
     with atomic_directory(out_dir, overwrite=True) as tmp:
         metrics, verdicts, seconds = evaluate_sets(images, images, data_dir, clip_source, options, progress, log)
+        notes = caveats(images, data_dir, metrics)
+        for note in notes:
+            log(f"caveat: {note}")
         body = {
             "mode": "generation-dir", "generation_dir": str(Path(gen_dir).resolve()),
             "run": str(run_dir) if run_dir else None, "checkpoint_step": images.model.get("step"),
@@ -216,7 +234,8 @@ def evaluate_generation_dir(gen_dir: Path, data_dir: Path, out_dir: Path, option
             "generation": {"model": images.model, "precision": images.manifest.get("precision"),
                            "settings": images.manifest.get("settings"),
                            "sets": {images.name: {"path": str(images.path), "n": len(images.images)}}},
-            "options": options_record(options), "headline": headline(metrics), "metrics": metrics, "by_step": [],
+            "options": options_record(options), "headline": headline(metrics), "caveats": notes, "metrics": metrics,
+            "by_step": [],
             "timings": {"metrics_s": seconds, "total_s": round(time.perf_counter() - start, 1)},
             "command": " ".join(sys.argv),
         }

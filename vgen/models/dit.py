@@ -18,22 +18,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vgen.config import bounded, check_bounds
+
 MAX_TEXT_TOKENS = 77  # CLIP's context length, the longest text a DiT may be conditioned on
 
 
 @dataclass
 class DiTConfig:
-    image_size: int = 32
-    channels: int = 3
-    patch_size: int = 2
-    width: int = 256
-    depth: int = 6
-    heads: int = 4
-    mlp_ratio: float = 4.0
-    text_refiner_layers: int = 0  # bidirectional transformer layers over the text tokens (0: none)
+    image_size: int = bounded(32, ge=1)
+    channels: int = bounded(3, ge=1)
+    patch_size: int = bounded(2, ge=1)
+    width: int = bounded(256, ge=1)
+    depth: int = bounded(6, ge=1)
+    heads: int = bounded(4, ge=1)
+    mlp_ratio: float = bounded(4.0, gt=0)
+    text_refiner_layers: int = bounded(0, ge=0)  # bidirectional transformer layers over the text tokens (0: none)
     text_lexical: bool = False  # also read the text tower's input embeddings (see DiT.refine_text)
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.width % self.heads:

@@ -132,6 +132,12 @@ class TextEncoder(nn.Module):
         """[B, context_length] token ids (start marker, BPE tokens, end marker, zero padding)."""
         return self.tokenizer(list(captions)).long()
 
+    def token_count(self, caption: str) -> int | None:
+        """Context positions `caption` needs (start and end markers included), None when this
+        tokenizer cannot say; more than `context_length` means the encoder sees a truncated caption."""
+        encode = getattr(self.tokenizer, "encode", None)
+        return None if encode is None else len(encode(caption)) + 2
+
     def token_mask(self, tokens: torch.Tensor) -> torch.Tensor:
         """True for every position up to and including the end-of-text token."""
         if self.eot_token_id is not None:

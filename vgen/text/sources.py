@@ -31,8 +31,9 @@ from typing import Any, Literal
 from urllib.parse import urlparse
 
 from vgen.atomic import atomic_directory
+from vgen.config import bounded, check_bounds
 from vgen.errors import ManifestError, MissingDependencyError, UsageError, VgenError
-from vgen.manifest import read_manifest, sha256_file
+from vgen.manifest import read_manifest, resolve_inside, sha256_file
 
 LOCAL_DIR_PREFIX = "local-dir:"
 RUN_PREFIX = "run:"
@@ -62,15 +63,12 @@ class TextEncoderConfig:
     # pretrained tag | FILE.safetensors | local-dir:PATH | run:PATH | random
     source: str = "laion2b_s34b_b79k"
     mode: Literal["frozen", "lora", "full"] = "frozen"
-    lora_rank: int = 8
-    lora_alpha: float = 8.0
+    lora_rank: int = bounded(8, ge=1)
+    lora_alpha: float = bounded(8.0, gt=0)
     cache_dir: str | None = None  # Hugging Face hub cache; default: HF_HUB_CACHE, else $HF_HOME/hub
 
     def __post_init__(self) -> None:
-        if self.lora_rank < 1:
-            raise ValueError(f"lora_rank must be at least 1, got {self.lora_rank}")
-        if self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha}")
+        check_bounds(self)
         if not self.source:
             raise ValueError("source must not be empty")
 
@@ -399,7 +397,7 @@ def _run_export_dir(run_dir: Path) -> Path:
             f"{manifest_path}: export.format is {export['format']!r}; a text encoder needs a CLIP run "
             f"(format '{EXPORT_FORMAT}')"
         )
-    return run_dir / str(export["path"])
+    return resolve_inside(run_dir, export["path"], f"{manifest_path}: export.path")
 
 
 # --- export ------------------------------------------------------------------------------------

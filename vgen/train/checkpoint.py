@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vgen.atomic import atomic_directory
-from vgen.errors import ManifestError
-from vgen.manifest import read_manifest, sha256_file, write_manifest
+from vgen.errors import IntegrityError, ManifestError, VgenError
+from vgen.manifest import read_manifest, resolve_inside, sha256_file, write_manifest
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8})$")
@@ -84,18 +84,35 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def read_checkpoint(path: Path, verify: bool = True) -> dict:
-    """The checkpoint's YAML state; with `verify`, check every file against its sha256."""
+    """The checkpoint's YAML state; with `verify`, check every file against its sha256
+    (IntegrityError naming every damaged one: the others, e.g. intact EMA weights, may be rescued)."""
+    where = str(path / "checkpoint.yaml")
     state = read_manifest(path / "checkpoint.yaml", "checkpoint", required=("step", "files"))
+    if not isinstance(state["files"], dict):
+        raise ManifestError(f"{where}: `files` must map names to {{file, sha256}}")
     if verify:
+        damaged = []
         for entry in state["files"].values():
-            file = path / entry["file"]
-            if not file.is_file() or sha256_file(file) != entry["sha256"]:
-                raise ManifestError(f"{file}: missing or does not match its sha256 in checkpoint.yaml")
+            file = resolve_inside(path, entry.get("file") if isinstance(entry, dict) else None, where)
+            if not file.is_file():
+                damaged.append(f"{file.name} (missing)")
+            elif sha256_file(file) != entry.get("sha256"):
+                damaged.append(f"{file.name} (sha256 differs)")
+        if damaged:
+            raise IntegrityError(f"{path}: {', '.join(damaged)}: does not match checkpoint.yaml")
     return state
 
 
 def load_tensors(path: Path, stem: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    return load_file(str(path / f"{stem}.safetensors"), device=str(device))
+    file = path / f"{stem}.safetensors"
+    try:
+        return load_file(str(file), device=str(device))
+    except FileNotFoundError:
+        raise ManifestError(f"{file}: missing from the checkpoint") from None
+    except Exception as e:  # noqa: BLE001 - SafetensorError: header or size invalid
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise IntegrityError(f"{file}: not a readable safetensors file ({e}); the checkpoint is damaged") from None
 
 
 def latest_checkpoint(run_dir: Path, warn=print) -> tuple[Path, dict] | None:
@@ -103,9 +120,33 @@ def latest_checkpoint(run_dir: Path, warn=print) -> tuple[Path, dict] | None:
     for path in reversed(list_checkpoints(run_dir)):
         try:
             return path, read_checkpoint(path)
-        except ManifestError as e:
+        except VgenError as e:
             warn(f"skipping damaged checkpoint {path}: {e}")
     return None
+
+
+def damaged_checkpoints(run_dir: Path) -> dict[Path, str]:
+    """Every checkpoint of the run that does not verify, with what is wrong with it."""
+    damaged = {}
+    for path in list_checkpoints(run_dir):
+        try:
+            read_checkpoint(path)
+        except VgenError as e:
+            damaged[path] = str(e)
+    return damaged
+
+
+def set_aside(run_dir: Path, paths: list[Path]) -> Path:
+    """Move checkpoints out of the way (never delete them) into RUN/set-aside-N/, so a run can start
+    over without destroying weights that may still be rescued."""
+    k = 1
+    while (run_dir / f"set-aside-{k}").exists():
+        k += 1
+    target = run_dir / f"set-aside-{k}"
+    target.mkdir()
+    for path in paths:
+        path.rename(target / path.name)
+    return target
 
 
 def resolve_checkpoint(run_dir: Path, which: str | int = "latest", warn=print) -> tuple[Path, dict]:

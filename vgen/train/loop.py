@@ -14,6 +14,7 @@ of processes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -27,8 +28,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vgen.config import to_dict
 from vgen.data.dataset import ImageCaptionDataset, dataset_sha256
-from vgen.errors import ConfigError, VgenError
+from vgen.errors import ConfigError, IntegrityError, UsageError, VgenError
 from vgen.manifest import read_manifest, sha256_file, write_manifest
+from vgen.outputs import OutputLock, check_output_dir
 from vgen.train import checkpoint as ckpt
 from vgen.train.config import TrainConfig
 from vgen.train.distributed import Distributed, all_reduce, barrier, init_distributed, shutdown
@@ -36,7 +38,7 @@ from vgen.train.ema import ema_decay, make_ema, update_ema
 from vgen.train.precision import autocast_factory, choose_precision, enable_tf32
 from vgen.train.randomness import SampleOrder
 from vgen.train.schedule import learning_rate
-from vgen.ui import console
+from vgen.ui import console, say, warn
 
 RUN_MANIFEST = "run.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -69,15 +71,42 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _check_same_config(run_dir: Path, resolved: dict) -> None:
-    """Refuse to resume a run dir with a different config: the result would be neither run."""
-    previous = read_manifest(run_dir / RUN_MANIFEST, "run", required=("config",))["config"]
-    old, new = _flatten(previous), _flatten(resolved)
+def _check_same_run(run_dir: Path, resolved: dict, data_dir: Path) -> None:
+    """Refuse to resume a run dir with a different config or dataset: the result would be neither
+    run (a dataset may move: the same dataset.yaml at another path is the same data)."""
+    previous = read_manifest(run_dir / RUN_MANIFEST, "run", required=("config",))
+    old, new = _flatten(previous["config"]), _flatten(resolved)
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
     if changed:
         details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
         raise ConfigError(f"{run_dir} holds a run with a different config ({details}); "
                           "use a new --out directory, or the same config to resume")
+    recorded = (previous.get("dataset") or {}).get("manifest_sha256")
+    if recorded and recorded != dataset_sha256(data_dir):
+        raise UsageError(f"--data {data_dir}: {run_dir} was trained on another dataset "
+                         f"({previous['dataset'].get('path')}, dataset.yaml sha256 {recorded[:12]}…); resume it "
+                         "with that --data, or train on this one into a new --out directory")
+
+
+def _check_checkpoints(run_dir: Path, start_over: bool) -> None:
+    """When a run dir has checkpoints and none of them verifies, resuming would silently start from
+    step 0 and prune them: refuse, or with `start_over` set them aside (never delete them)."""
+    present = ckpt.list_checkpoints(run_dir)
+    if not present:
+        return
+    damaged = ckpt.damaged_checkpoints(run_dir)
+    if start_over:
+        aside = ckpt.set_aside(run_dir, present)
+        for name in (METRICS_FILE,):
+            if (run_dir / name).exists():
+                (run_dir / name).rename(aside / name)
+        warn(f"--start-over: moved {len(present)} checkpoints and {METRICS_FILE} to {aside}; training from step 0")
+    elif len(damaged) == len(present):
+        details = "; ".join(damaged.values())
+        raise IntegrityError(f"{run_dir}: every checkpoint is damaged, so the run cannot resume ({details}). "
+                             "Nothing was changed. Train into a new --out directory, or pass --start-over to "
+                             f"train from step 0 here (the damaged checkpoints are moved to {run_dir}/set-aside-N/, "
+                             "not deleted)")
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -130,27 +159,58 @@ class _Metrics:
         self.file.close()
 
 
-def train(cfg: TrainConfig, data_dir: Path, run_dir: Path) -> dict:
-    """Train (or resume) a run of `cfg` on the dataset at `data_dir` into `run_dir`."""
+def train(cfg: TrainConfig, data_dir: Path, run_dir: Path, start_over: bool = False) -> dict:
+    """Train (or resume) a run of `cfg` on the dataset at `data_dir` into `run_dir`; returns the
+    summary `vgen train --json` prints.
+
+    The run dir is locked for the whole run (vgen.outputs.OutputLock, held by the main process):
+    a second process on it is refused with the holder's pid and host."""
     dist = init_distributed(cfg.train.device)
+    lock = None
     try:
-        return _train(cfg, Path(data_dir), Path(run_dir), dist)
+        lock = _claim_run_dir(Path(run_dir), Path(data_dir), dist)
+        return _train(cfg, Path(data_dir), Path(run_dir), dist, start_over)
     finally:
+        if lock is not None:
+            lock.release()
         shutdown(dist)
 
 
-def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, dist: Distributed) -> dict:
+def _claim_run_dir(run_dir: Path, data_dir: Path, dist: Distributed) -> OutputLock | None:
+    """Lock `run_dir` and check it is new, empty or a run (to resume), on the main process; every
+    process stops if that fails, so none starts writing."""
+    lock, error = None, None
+    if dist.is_main:
+        try:
+            if run_dir.resolve() == data_dir.resolve() or run_dir.resolve() in data_dir.resolve().parents:
+                raise UsageError(f"--out {run_dir}: is (or contains) the dataset --data {data_dir}; choose a run "
+                                 "directory outside it")
+            lock = OutputLock(run_dir, warn=warn).acquire()
+            check_output_dir(run_dir, RUN_MANIFEST, "run", False, existing="resume")
+        except BaseException as e:
+            if lock is not None:
+                lock.release()
+            error = e
+    if all_reduce(torch.tensor(float(error is not None)), "max").item():
+        raise error if error is not None else VgenError(f"{run_dir}: the main process could not claim the run dir")
+    return lock
+
+
+def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, dist: Distributed, start_over: bool) -> dict:
     loop, device = cfg.train, dist.device
     if loop.batch_size % dist.world_size:
         raise ConfigError(f"train.batch_size {loop.batch_size} is not divisible by the {dist.world_size} processes")
     local_batch = loop.batch_size // dist.world_size
     resolved = to_dict(cfg)
     train_set = ImageCaptionDataset(data_dir, "train")
-    val_set = ImageCaptionDataset(data_dir, "val")
+    val_set = ImageCaptionDataset(data_dir, "val", verify=False)  # verified with the train split
     if len(val_set) == 0:
         val_set = train_set
     if (run_dir / RUN_MANIFEST).exists():
-        _check_same_config(run_dir, resolved)
+        _check_same_run(run_dir, resolved, data_dir)
+    if dist.is_main:
+        _check_checkpoints(run_dir, start_over)
+    barrier()
     enable_tf32(device)
 
     torch.manual_seed(loop.seed)  # the initial weights; DDP broadcasts rank 0's anyway
@@ -161,25 +221,23 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, dist: Distributed) -
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=True)
 
-    start_step, nonfinite, precision = 0, 0, None
-    if dist.is_main and (run_dir / ckpt.CHECKPOINT_DIR).is_dir():
-        for partial in (run_dir / ckpt.CHECKPOINT_DIR).glob(".*.partial-*"):  # left by a killed run
-            shutil.rmtree(partial, ignore_errors=True)
-    barrier()
-    found = ckpt.latest_checkpoint(run_dir, warn=lambda m: console.print(f"[yellow]{m}[/]"))
+    start_step, nonfinite, precision, precision_reason = 0, 0, None, None
+    found = ckpt.latest_checkpoint(run_dir, warn=warn)
     if found is not None:
         path, state = found
         model.load_state_dict(ckpt.load_tensors(path, "model", device))
         ema.load_state_dict(ckpt.load_tensors(path, "ema", device))
         ckpt.load_optimizer_tensors(optimizer, ckpt.load_tensors(path, "optimizer", device), state["optimizer_groups"])
         start_step, nonfinite, precision = state["step"], state["nonfinite"], state["precision"]
+        precision_reason = "the precision of the checkpoint resumed"
         if dist.is_main:
-            console.print(f"resuming from {path} (step {start_step}, {state['images_seen']:,} images seen)")
+            say(f"resuming from {path} (step {start_step}, {state['images_seen']:,} images seen)")
     if precision is None:
-        precision = choose_precision(loop.precision, device, cfg.flow.network.width)
-        # Every process must train in the same precision: bf16 only if all of them measured it faster.
+        precision, precision_reason = choose_precision(loop.precision, device, cfg.flow.network.width)
+        # Every process must train in the same precision: bf16 only if all of them support it.
         bf16_everywhere = all_reduce(torch.tensor(float(precision != "bf16")), "max").item() == 0
-        precision = "bf16" if bf16_everywhere else "fp32"
+        if precision == "bf16" and not bf16_everywhere:
+            precision, precision_reason = "fp32", "auto: another process's device does not run bf16 natively"
     autocast = autocast_factory(device, precision)
 
     if loop.compile:
@@ -194,18 +252,19 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, dist: Distributed) -
     trainable = [p for p in model.parameters() if p.requires_grad]
     order = SampleOrder(loop.seed, len(train_set))
 
-    def manifest(status: str, step: int, export: dict | None = None) -> None:
+    def manifest(status: str, step: int, export: dict | None = None, error: str | None = None) -> None:
         if not dist.is_main:
             return
         body = {
             "train_kind": cfg.kind,
             "status": status,
+            **({"error": error} if error else {}),
             "config": resolved,
             "dataset": {"path": str(data_dir.resolve()), "manifest_sha256": dataset_sha256(data_dir),
                         "resolution": train_set.resolution, "train_images": len(train_set)},
             "environment": {"torch": str(torch.__version__), "python": platform.python_version(),
                             "device": str(device), "world_size": dist.world_size, "precision": precision,
-                            "threads": torch.get_num_threads(),
+                            "precision_reason": precision_reason, "threads": torch.get_num_threads(),
                             # relative paths in the config (text_encoder.source) are relative to this
                             "cwd": str(Path.cwd())},
             "progress": {"step": step, "steps": loop.steps, "images_seen": step * loop.batch_size,
@@ -227,82 +286,95 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, dist: Distributed) -
             manifest("running", step)
         barrier()
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "samples").mkdir(exist_ok=True)
     manifest("running", start_step)
-    metrics = _Metrics(run_dir / METRICS_FILE, start_step) if dist.is_main else None
-    if dist.is_main:
-        n_params = sum(p.numel() for p in trainable)
-        console.print(f"training {cfg.kind}: {n_params / 1e6:.2f}M trainable parameters, {len(train_set):,} "
-                      f"images, batch {loop.batch_size} on {dist.world_size} x {device}, {precision}")
+    step, metrics, export, last = start_step, None, None, {}
+    try:
+        metrics = _Metrics(run_dir / METRICS_FILE, start_step) if dist.is_main else None
+        if dist.is_main:
+            (run_dir / "samples").mkdir(exist_ok=True)
+            n_params = sum(p.numel() for p in trainable)
+            console.print(f"training {cfg.kind}: {n_params / 1e6:.2f}M trainable parameters, {len(train_set):,} "
+                          f"images, batch {loop.batch_size} on {dist.world_size} x {device}, {precision} "
+                          f"({precision_reason})", highlight=False)
+        if loop.steps == 0 and found is None:
+            save(0)  # train.steps=0: the initialised network (EMA = weights), e.g. the baseline of an evaluation
+        window_start, window_images, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
+        with _StopRequest() as stop, _progress(dist.is_main, start_step, loop.steps) as progress:
+            while step < loop.steps:
+                lr = learning_rate(step, loop.steps, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                first = step * loop.batch_size + dist.rank * local_batch
+                batch = task.make_batch(train_set, order, step, list(range(first, first + local_batch)))
+                with autocast():
+                    loss = task.loss(wrapped, batch)
+                finite = bool(all_reduce(torch.isfinite(loss.detach()).logical_not().float(), "max").item() == 0)
+                grad_norm = torch.tensor(float("nan"))
+                if finite:
+                    loss.backward()
+                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
+                    finite = bool(torch.isfinite(grad_norm))
+                if finite:
+                    window_loss, window_steps = window_loss + loss.detach().float(), window_steps + 1
+                    optimizer.step()
+                    update_ema(ema, model, ema_decay(step, cfg.ema.decay, cfg.ema.warmup))
+                else:
+                    nonfinite += 1
+                    if dist.is_main:
+                        console.print(f"[yellow]step {step}: non-finite loss or gradient, step skipped "
+                                      f"({nonfinite} of at most {loop.max_nonfinite})[/]")
+                    if nonfinite > loop.max_nonfinite:
+                        raise VgenError(f"{nonfinite} steps had a non-finite loss or gradient (limit train.max_nonfinite="
+                                        f"{loop.max_nonfinite}); lower optim.lr or check the data. The last good "
+                                        f"checkpoint is in {run_dir / ckpt.CHECKPOINT_DIR}")
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                window_images += loop.batch_size
 
-    step = start_step
-    if loop.steps == 0 and found is None:
-        save(0)  # train.steps=0: the initialised network (EMA = weights), e.g. the baseline of an evaluation
-    window_start, window_images, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
-    with _StopRequest() as stop, _progress(dist.is_main, start_step, loop.steps) as progress:
-        while step < loop.steps:
-            lr = learning_rate(step, loop.steps, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            first = step * loop.batch_size + dist.rank * local_batch
-            batch = task.make_batch(train_set, order, step, list(range(first, first + local_batch)))
-            with autocast():
-                loss = task.loss(wrapped, batch)
-            finite = bool(all_reduce(torch.isfinite(loss.detach()).logical_not().float(), "max").item() == 0)
-            grad_norm = torch.tensor(float("nan"))
-            if finite:
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
-                finite = bool(torch.isfinite(grad_norm))
-            if finite:
-                window_loss, window_steps = window_loss + loss.detach().float(), window_steps + 1
-                optimizer.step()
-                update_ema(ema, model, ema_decay(step, cfg.ema.decay, cfg.ema.warmup))
-            else:
-                nonfinite += 1
-                if dist.is_main:
-                    console.print(f"[yellow]step {step}: non-finite loss or gradient, step skipped "
-                                  f"({nonfinite} of at most {loop.max_nonfinite})[/]")
-                if nonfinite > loop.max_nonfinite:
-                    raise VgenError(f"{nonfinite} steps had a non-finite loss or gradient (limit train.max_nonfinite="
-                                    f"{loop.max_nonfinite}); lower optim.lr or check the data. The last good "
-                                    f"checkpoint is in {run_dir / ckpt.CHECKPOINT_DIR}")
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            window_images += loop.batch_size
+                if step % loop.log_every == 0 or step == loop.steps:
+                    mean_loss = all_reduce(torch.as_tensor(window_loss / max(1, window_steps)), "mean").item()
+                    elapsed = time.perf_counter() - window_start
+                    rate = window_images / elapsed if elapsed > 0 else 0.0
+                    if dist.is_main:
+                        last["train"] = {"step": step, "images_seen": step * loop.batch_size, "loss": mean_loss,
+                                         "lr": lr, "grad_norm": float(grad_norm), "images_per_s": rate,
+                                         "nonfinite_skipped": nonfinite, "time": time.time()}
+                        metrics.write(last["train"])
+                        progress(step, mean_loss, rate)
+                    window_start, window_images, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
+                if dist.is_main and (step % loop.val_every == 0 or step == loop.steps):
+                    last["validation"] = {"step": step, "images_seen": step * loop.batch_size,
+                                          **task.validate(model, ema, val_set, loop.val_images, autocast)}
+                    metrics.write(last["validation"])
+                if dist.is_main and (step % loop.sample_every == 0 or step == loop.steps):
+                    task.write_samples(ema, run_dir / "samples" / f"step-{step:08d}.png", autocast)
+                stop_now = bool(all_reduce(torch.tensor(float(stop.requested)), "max").item())
+                if step % loop.checkpoint_every == 0 or step == loop.steps or stop_now:
+                    save(step)
+                if stop_now:
+                    break
 
-            if step % loop.log_every == 0 or step == loop.steps:
-                mean_loss = all_reduce(torch.as_tensor(window_loss / max(1, window_steps)), "mean").item()
-                elapsed = time.perf_counter() - window_start
-                rate = window_images / elapsed if elapsed > 0 else 0.0
-                if dist.is_main:
-                    metrics.write({"step": step, "images_seen": step * loop.batch_size, "loss": mean_loss,
-                                   "lr": lr, "grad_norm": float(grad_norm), "images_per_s": rate,
-                                   "nonfinite_skipped": nonfinite, "time": time.time()})
-                    progress(step, mean_loss, rate)
-                window_start, window_images, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
-            if dist.is_main and (step % loop.val_every == 0 or step == loop.steps):
-                val = task.validate(model, ema, val_set, loop.val_images, autocast)
-                metrics.write({"step": step, "images_seen": step * loop.batch_size, **val})
-            if dist.is_main and (step % loop.sample_every == 0 or step == loop.steps):
-                task.write_samples(ema, run_dir / "samples" / f"step-{step:08d}.png", autocast)
-            stop_now = bool(all_reduce(torch.tensor(float(stop.requested)), "max").item())
-            if step % loop.checkpoint_every == 0 or step == loop.steps or stop_now:
-                save(step)
-            if stop_now:
-                break
-
-    if metrics:
-        metrics.close()
-    done = step >= loop.steps
-    export = None
-    if dist.is_main and done:
-        export = task.export(run_dir, ema)
+        done = step >= loop.steps
+        if dist.is_main and done:
+            export = task.export(run_dir, ema)
+    except BaseException as e:
+        # run.yaml must not go on saying `running`: it says how the run ended and why (when the disk
+        # takes this write; on a full disk it may not, and the error then says so itself).
+        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        with contextlib.suppress(OSError, VgenError):
+            manifest(status, step, error="a second Ctrl-C" if status == "interrupted" else (str(e) or repr(e)))
+        raise
+    finally:
+        if metrics:
+            metrics.close()
     manifest("done" if done else "interrupted", step, export)
     if dist.is_main:
-        console.print(f"[green]{'finished' if done else 'stopped'}[/] at step {step}; run: {run_dir}/{RUN_MANIFEST}")
-    return {"step": step, "done": done}
+        say(f"{'finished' if done else 'stopped'} at step {step}; run: {run_dir}/{RUN_MANIFEST}", style="green")
+    return {"run_dir": str(run_dir.resolve()), "manifest": str((run_dir / RUN_MANIFEST).resolve()),
+            "status": "done" if done else "interrupted", "kind": cfg.kind, "step": step, "steps": loop.steps,
+            "images_seen": step * loop.batch_size, "precision": precision, "nonfinite_skipped": nonfinite,
+            "done": done, "last": last,
+            "checkpoints": [str(p.resolve()) for p in ckpt.list_checkpoints(run_dir)], "export": export}
 
 
 class _progress:
