@@ -18,13 +18,14 @@ DEMO_RESOLUTION ?= 32
 # prompts over training pairs) keep the accuracy's standard error near 0.025 for about 20 s more.
 DEMO_EVAL_FLAGS ?= --steps 10 --precision bf16 --feature-precision bf16 --per-prompt 4
 
-.PHONY: help setup system-deps test demo clean-demo
+.PHONY: help setup system-deps test test-floors demo clean-demo
 .DEFAULT_GOAL := help
 
 help:
 	@echo "make demo   set up, then run the whole pipeline on the embedded emoji-scenes data into $(DEMO_DIR)/"
 	@echo "make test   set up, then run the test suite"
 	@echo "make setup  create $(VENV), install torch ($(TORCH_PIN)), vgen[dev] and the Debian packages"
+	@echo "make test-floors  run the tests on the lowest version of every dependency pyproject.toml declares"
 
 setup: system-deps $(VENV)/.vgen-setup
 
@@ -70,6 +71,25 @@ system-deps:
 
 test: setup
 	$(PY) -m pytest -q
+
+# The declared floors, tested: $(FLOORS_VENV) gets exactly the lowest version of every dependency in
+# pyproject.toml (`>=X` installed as `==X`, with what they need), and sees $(VENV)'s site-packages
+# through a .pth file that appends them after its own: the floors win, and torch is the pinned one
+# already there (pip counts it as installed; another torch would download gigabytes).
+FLOORS_VENV := .venv-floors
+FLOORS = $(shell $(PY) -c "import re, tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+  print(' '.join(m[1] + '==' + m[2] for d in deps['dependencies'] + deps['optional-dependencies']['dev'] \
+  if (m := re.match(r'([A-Za-z0-9_.-]+)>=([0-9.]+)', d)) and m[1] != 'torch'))")
+test-floors: setup
+	@test -x $(FLOORS_VENV)/bin/python || $(PYTHON) -m venv $(FLOORS_VENV)
+	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
+	  "$$($(FLOORS_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/zz-vgen-main-venv.pth"
+	$(FLOORS_VENV)/bin/python -m pip install --quiet $(FLOORS)
+	printf '#!%s\nfrom torch.distributed.run import main\nmain()\n' "$(abspath $(FLOORS_VENV))/bin/python" > $(FLOORS_VENV)/bin/torchrun
+	printf '#!%s\nfrom vgen.cli import main\nmain()\n' "$(abspath $(FLOORS_VENV))/bin/python" > $(FLOORS_VENV)/bin/vgen
+	chmod +x $(FLOORS_VENV)/bin/torchrun $(FLOORS_VENV)/bin/vgen
+	$(FLOORS_VENV)/bin/python -c "import importlib.metadata as m; print('floors:', ', '.join(f'{p} {m.version(p)}' for p in '$(FLOORS)'.replace('==', ' ').split()[::2]))"
+	PYTHONPATH=$(CURDIR) $(FLOORS_VENV)/bin/python -m pytest -q
 
 # Each stage is skipped when its artifact is complete; training resumes when it was interrupted.
 # The samples are always drawn again (seconds), replacing the previous ones (--overwrite).
