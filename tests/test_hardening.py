@@ -90,8 +90,10 @@ def test_preprocess_overwrite_never_deletes_the_input_or_a_foreign_folder(vgen_c
     result = vgen_cli("preprocess", raw, "-o", foreign, "-r", 16, "--overwrite")
     assert result.exit_code == 2 and "not a dataset dir" in result.stderr
     assert (foreign / "holiday.jpg").read_bytes() == b"precious"
-    # An earlier dataset is what --overwrite replaces.
+    # An empty folder is written without --overwrite; an earlier dataset is what --overwrite replaces.
+    (tmp_path / "ds").mkdir()
     assert vgen_cli("preprocess", raw, "-o", tmp_path / "ds", "-r", 16).exit_code == 0
+    assert vgen_cli("preprocess", raw, "-o", tmp_path / "ds", "-r", 16).exit_code == 2
     assert vgen_cli("preprocess", raw, "-o", tmp_path / "ds", "-r", 16, "--overwrite").exit_code == 0
 
 
@@ -151,6 +153,32 @@ def test_resume_with_every_checkpoint_damaged_is_refused(vgen_cli, assets, train
     assert result.exit_code == 0, result.stderr
     assert sorted(p.name for p in (run / "set-aside-1").iterdir()) == ["metrics.jsonl", *sorted(ema)]
     assert [p.name for p in list_checkpoints(run)] == ["step-00000005", "step-00000010"]  # trained anew
+
+
+def test_damaged_newer_checkpoints_are_set_aside_not_left_to_prune_the_good_ones(vgen_cli, assets, trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    newest = list_checkpoints(run)[-1]
+    (newest / "ema.safetensors").write_bytes(b"garbage")
+    result = vgen_cli(*train_args(assets, run, "train.steps=15", "train.keep_checkpoints=1"))
+    assert result.exit_code == 0, result.stderr
+    assert "moved 1 damaged checkpoints" in result.stderr and "resuming from" in result.stderr
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000015"]  # trained on from step 5
+    assert (run / "set-aside-1" / newest.name / "ema.safetensors").read_bytes() == b"garbage"
+
+
+def test_a_run_killed_without_a_word_is_marked_when_next_claimed(vgen_cli, assets, trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    manifest = yaml.safe_load((run / "run.yaml").read_text())
+    manifest["status"] = "running"  # what a SIGKILL leaves
+    (run / "run.yaml").write_text(yaml.safe_dump(manifest))
+    other = tmp_path / "other.yaml"
+    other.write_text(assets["config"].read_text().replace("depth: 2", "depth: 3"))
+    result = vgen_cli("train", "-c", other, "-d", assets["data"], "-o", run)  # refused: another config
+    assert result.exit_code == 2
+    manifest = yaml.safe_load((run / "run.yaml").read_text())
+    assert manifest["status"] == "interrupted" and "killed" in manifest["error"]
 
 
 # 5. A flipped byte in a shard, or an edited caption, trained without a word.
@@ -236,6 +264,12 @@ def test_out_of_range_values_are_blamed_on_the_set_option(vgen_cli, assets, tmp_
     assert "internal error" not in result.stderr
 
 
+def test_json_has_no_nan(vgen_cli, assets, tmp_path):
+    result = vgen_cli(*train_args(assets, tmp_path / "run", "train.steps=5", "train.val_images=0"), "--json")
+    assert result.exit_code == 0, result.stderr
+    json.loads(result.stdout, parse_constant=lambda name: pytest.fail(f"{name} in --json output"))
+
+
 def test_negative_guidance_is_refused_by_the_stage(trained, tmp_path):
     from vgen.errors import UsageError
     from vgen.generate import GenerationRequest, load_generator
@@ -304,6 +338,40 @@ def test_a_non_safetensors_checkpoint_is_named(vgen_cli, trained, tmp_path):
     result = vgen_cli("generate", "red", "--run", run, "--out", tmp_path / "g", "--steps", 2)
     assert result.exit_code == 1 and "ema.safetensors" in result.stderr and "not a readable safetensors" in result.stderr
     assert "internal error" not in result.stderr
+
+
+def test_untrusted_text_in_the_metric_table_is_not_markup(vgen_cli, trained, assets, tmp_path):
+    gen_dir = tmp_path / "gen"
+    assert vgen_cli("generate", "red", "--run", trained, "--out", gen_dir, "--steps", 2).exit_code == 0
+    result = vgen_cli("evaluate", gen_dir, "--data", assets["data"], "--out", tmp_path / "eval",
+                      "--metrics", "clip-score", "--clip", "local-dir:/no/[bold]such[/]\x1b[2J")
+    assert result.exit_code == 0, result.stderr
+    assert "unavailable" in result.stderr and "[/]" in result.stderr and "\x1b" not in result.stderr
+
+
+def test_non_utf8_prompts_on_stdin_are_a_usage_error(vgen_cli, trained, tmp_path, monkeypatch):
+    import io
+    import sys
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9\n"), encoding="utf-8"))
+    result = vgen_cli("generate", "-", "--run", trained, "--out", tmp_path / "g")
+    assert result.exit_code == 2 and "not UTF-8" in result.stderr
+
+
+def test_the_prompt_file_is_an_input_too(vgen_cli, trained, tmp_path):
+    gen_dir = tmp_path / "gen"
+    assert vgen_cli("generate", "red", "--run", trained, "--out", gen_dir, "--steps", 2).exit_code == 0
+    (gen_dir / "prompts.txt").write_text("blue\n")
+    result = vgen_cli("generate", "--prompts", gen_dir / "prompts.txt", "--run", trained, "--out", gen_dir,
+                      "--overwrite", "--steps", 2)
+    assert result.exit_code == 2 and "prompts file" in result.stderr and (gen_dir / "prompts.txt").exists()
+
+
+def test_train_out_inside_the_dataset_is_refused(vgen_cli, assets, tmp_path):
+    data = tmp_path / "ds"
+    shutil.copytree(assets["data"], data)
+    result = vgen_cli("train", "-c", assets["config"], "-d", data, "-o", data / "run")
+    assert result.exit_code == 2 and "is inside the dataset" in result.stderr and not (data / "run").exists()
 
 
 def test_a_missing_text_encoder_file_is_named(vgen_cli, assets, tmp_path):

@@ -50,6 +50,27 @@ def test_lock_of_a_killed_process_is_taken_over(tmp_path):
     assert len(warnings) == 1 and "stale lock" in warnings[0] and "no longer running" in warnings[0]
 
 
+def test_a_symlinked_alias_takes_the_same_lock(tmp_path):
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    (tmp_path / "alias").symlink_to(tmp_path / "runs" / "x")
+    with OutputLock(tmp_path / "runs" / "x"):
+        with pytest.raises(BusyError):
+            OutputLock(tmp_path / "alias").acquire()
+
+
+def test_a_record_the_lock_cannot_vouch_for_is_not_taken_over(tmp_path):
+    """Locks that do not reach across hosts (local-only locks on a network mount): a record of
+    another host, or of a process of this host that still runs, is refused, not taken over."""
+    import json
+    import socket
+
+    target = tmp_path / "out"
+    for record in ({"pid": 1, "host": "gpu-node-7"}, {"pid": os.getppid(), "host": socket.gethostname()}):
+        lock_path(target).write_text(json.dumps(record))
+        with pytest.raises(BusyError, match=f"delete {lock_path(target)}"):
+            OutputLock(target).acquire()
+
+
 def test_lock_is_exclusive_within_one_process_too(tmp_path):
     with OutputLock(tmp_path / "out"):
         with pytest.raises(BusyError):
@@ -86,6 +107,8 @@ def test_output_is_never_an_input_or_its_ancestor(tmp_path):
     for out in (raw, tmp_path / "sand", tmp_path):
         with pytest.raises(UsageError, match="raw folder"):
             check_not_an_input(out, [("raw folder", raw)])
+    with pytest.raises(UsageError, match="is inside the raw folder"):
+        check_not_an_input(raw / "ds", [("raw folder", raw)])
     check_not_an_input(tmp_path / "sand" / "ds", [("raw folder", raw)])
 
 
@@ -111,16 +134,18 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
     host = atomic._HOST
-    stale_dir = tmp_path / f".samples.partial-{dead}-{host}-abc123"
-    stale_file = tmp_path / f".run.yaml.{dead}-{host}-xyz.tmp"
-    live = tmp_path / f".other.partial-{os.getpid()}-{host}-def456"  # a write in progress: kept
-    foreign_host = tmp_path / f".samples.partial-{dead}-elsewhere-ghi789"  # can't tell: kept
+    stale_dir = tmp_path / f".samples.partial-{dead}-{host}-abc12_34"
+    stale_file = tmp_path / f".run.yaml.{dead}-{host}-xyz00000.tmp"
+    live = tmp_path / f".other.partial-{os.getpid()}-{host}-def45678"  # a write in progress: kept
+    foreign_host = tmp_path / f".samples.partial-{dead}-elsewhere-ghi78900"  # can't tell: kept
+    users = tmp_path / f".notes.{dead}-{host}-mine"  # not a name vgen gives: kept
     for path in (stale_dir, live, foreign_host):
         path.mkdir()
     stale_file.write_text("half")
+    users.write_text("mine")
     atomic.atomic_write_text(tmp_path / "report.txt", "done")
     assert not stale_dir.exists() and not stale_file.exists()
-    assert live.exists() and foreign_host.exists()
+    assert live.exists() and foreign_host.exists() and users.exists()
     assert (tmp_path / "report.txt").read_text() == "done"
 
 

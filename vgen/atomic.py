@@ -5,7 +5,8 @@ POSIX within one filesystem), so an interrupted run leaves either the old file o
 
 Temporaries are named `.<name>.partial-<pid>-<host>-*` (directories) and `.<name>.<pid>-<host>-*.tmp`
 (files). The next atomic write into the same directory removes those of processes of this host
-that are no longer running, so a killed run leaves no lasting litter. A write that fails for lack
+that are no longer running, so a killed run leaves no lasting litter. (This assumes one pid space
+per host name: two containers that share a host name and a folder would not see each other's pids.) A write that fails for lack
 of space or on a read-only disk raises `ArtifactWriteError` naming the artifact, not a bare OSError.
 """
 
@@ -26,7 +27,9 @@ from vgen.errors import ArtifactWriteError, os_error_message
 # Errors of the disk being written, wherever in the block they arise.
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 _HOST = re.sub(r"[^A-Za-z0-9]+", "_", socket.gethostname())[:40] or "host"
-_TEMPORARY = re.compile(r"^\..+\.(?:partial-|old-)?(\d+)-([A-Za-z0-9_]+)-")
+# The exact names this module gives: mkdtemp/mkstemp add 8 characters of [a-z0-9_].
+_TEMPORARY = re.compile(r"^\..+\.(?:partial-(\d+)-([A-Za-z0-9_]+)-[a-z0-9_]{8}|(\d+)-([A-Za-z0-9_]+)-[a-z0-9_]{8}\.tmp"
+                        r"|old-(\d+)-([A-Za-z0-9_]+)-)$")
 
 
 def _umask() -> int:
@@ -77,7 +80,10 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
         return removed
     for entry in entries:
         match = _TEMPORARY.match(entry.name)
-        if not match or match.group(2) != _HOST or _pid_running(int(match.group(1))):
+        if not match:
+            continue
+        pid, host = [g for g in match.groups() if g is not None]
+        if host != _HOST or _pid_running(int(pid)):
             continue
         target = Path(entry.path)
         if entry.is_dir(follow_symlinks=False):

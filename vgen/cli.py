@@ -43,9 +43,20 @@ def finite_float(text: str) -> float:
     return number
 
 
+def _json_safe(value: Any) -> Any:
+    """NaN and infinity (a skipped step's gradient norm) as null: JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def _print_json(summary: Any) -> None:
     """The --json summary: alone on stdout (everything else vgen prints goes to stderr)."""
-    print(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
+    print(json.dumps(_json_safe(summary), indent=2, ensure_ascii=False, allow_nan=False, default=str))
 
 
 def _version(value: bool) -> None:
@@ -77,10 +88,10 @@ def data_emoji_scenes(
     Held-out object pairs are never rendered. Example: vgen data emoji-scenes raw --count 20000
     """
     from vgen.data.emoji_scenes import write_emoji_scenes
-    from vgen.ui import progress_bar, say
+    from vgen.ui import progress_bar, say, warn
 
     with progress_bar("emoji-scenes", total=count) as advance:
-        summary = write_emoji_scenes(out_dir, count, seed=seed, overwrite=overwrite, progress=advance)
+        summary = write_emoji_scenes(out_dir, count, seed=seed, overwrite=overwrite, progress=advance, warn=warn)
     shares = ", ".join(f"{k} {v}" for k, v in summary["relations"].items())
     say(f"wrote {count} scenes to {out_dir} ({shares})")
     if json_output:
@@ -238,7 +249,8 @@ def generate(
     say(f"loaded {run} (step {gen.step}, model {gen.sha256[:10]}) on {gen.device}, {gen.precision}")
     total = len(request.prompts) * request.n
     with progress_bar("generate", total=total) as advance:
-        summary = run_generate(gen, request, out, overwrite=overwrite, progress=advance, warn=warn)
+        summary = run_generate(gen, request, out, overwrite=overwrite, progress=advance, warn=warn,
+                               inputs=[("--prompts file", Path(prompt_file))] if prompt_file not in (None, "-") else [])
     rate = summary["timings"]["images_per_s"]
     say(f"wrote {total} images to {summary['out_dir']} in {time.perf_counter() - start:.1f} s "
         f"({rate or 0:.1f} images/s sampling)", style="green")

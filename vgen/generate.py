@@ -347,7 +347,10 @@ class GenerationRequest:
 def read_prompt_file(source: str | Path) -> list[str]:
     """Prompts one per line from a file, or from stdin for `-`; blank lines are skipped."""
     if str(source) == "-":
-        text = sys.stdin.read()
+        try:
+            text = sys.stdin.buffer.read().decode("utf-8") if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+        except UnicodeDecodeError as e:
+            raise UsageError(f"prompts on stdin: not UTF-8 text ({e})") from None
     else:
         try:
             text = Path(source).read_text(encoding="utf-8")
@@ -441,13 +444,16 @@ def _truncated_prompts(gen: LoadedGenerator, prompts: list[str], warn: Callable[
 
 
 def generate(gen: LoadedGenerator, request: GenerationRequest, out_dir: Path | None = None, overwrite: bool = False,
-             progress: Callable[[int], None] = lambda n: None, warn: Callable[[str], None] | None = None) -> dict:
+             progress: Callable[[int], None] = lambda n: None, warn: Callable[[str], None] | None = None,
+             inputs: list[tuple[str, Path]] = ()) -> dict:
     """Run `request` and write the generation dir at `out_dir` (default: a new
-    generations/YYYYmmdd-HHMMSS), atomically: complete or absent. Returns the summary `--json` prints."""
+    generations/YYYYmmdd-HHMMSS), atomically: complete or absent. `inputs`: other files the request
+    was read from (a prompt file), which the output must not replace. Returns the summary `--json`
+    prints."""
     request = request.resolved(gen.cfg)
     warn = warn or (lambda m: print(m, file=sys.stderr))
-    inputs = [("run dir", gen.run_dir)] + [(name, path) for name, path in
-                                           (("--init-image", request.init_image), ("--mask", request.mask)) if path]
+    inputs = [("run dir", gen.run_dir), *inputs] + [
+        (name, path) for name, path in (("--init-image", request.init_image), ("--mask", request.mask)) if path]
     with _claim(None if out_dir is None else Path(out_dir), overwrite, inputs, warn) as claimed:
         return _generate(gen, request, claimed, progress, warn)
 

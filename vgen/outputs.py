@@ -6,12 +6,13 @@ claims it here first:
 - a **lock** (`<parent>/.<name>.lock`, an exclusive `flock` holding the owner's pid, host and
   command), so a second process on the same output is refused with who holds it. The kernel drops a
   flock when its process dies, so a lock left by a killed run is stale by construction: the next
-  claim takes it over (and says so) instead of asking the user to delete a file;
+  claim takes it over (and says so), as long as the record it left is of this host and its process
+  is gone; otherwise (locks that do not reach across hosts) it is refused with the file to delete;
 - a **kind check** under that lock: the directory is new, empty, or an earlier output of the same
   kind (its manifest names that kind); only then may `--overwrite` replace it, or `train` resume it.
   A folder of anything else is never deleted or mixed into;
-- an **input check**: an output is never one of the stage's inputs nor a folder that contains one,
-  so `--overwrite` cannot delete what the stage reads.
+- an **input check**: an output is never one of the stage's inputs, a folder that contains one
+  (`--overwrite` would delete what the stage reads) or a folder inside one (it would change it).
 """
 
 from __future__ import annotations
@@ -34,15 +35,27 @@ Warn = Callable[[str], None]
 
 
 def lock_path(target: str | os.PathLike) -> Path:
-    """The lock file of an output: a hidden sibling, so it exists before the output does and is
-    never part of it."""
-    target = Path(os.path.abspath(target))
+    """The lock file of an output: a hidden sibling of its real path (so that a symlinked alias
+    locks the same file), which exists before the output does and is never part of it."""
+    target = Path(os.path.realpath(target))
     return target.with_name(f".{target.name}.lock")
 
 
 def _holder_text(record: dict) -> str:
     who = record.get("command") or "a vgen process"
     return f"{who} (pid {record.get('pid', '?')} on {record.get('host', '?')}, since {record.get('since', '?')})"
+
+
+def _pid_running(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _read_record(fd: int) -> dict:
@@ -95,8 +108,7 @@ class OutputLock:
                 continue
             stale = _read_record(fd)
             if stale:
-                self.warn(f"taking over the stale lock {self.path} of {_holder_text(stale)}, which is no longer "
-                          "running")
+                self._check_stale(fd, stale)
             record = {"pid": os.getpid(), "host": socket.gethostname(),
                       "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                       "command": " ".join(["vgen", *sys.argv[1:]])[:500]}
@@ -105,6 +117,19 @@ class OutputLock:
             os.write(fd, json.dumps(record).encode("utf-8"))
             self._fd = fd
             return self
+
+    def _check_stale(self, fd: int, record: dict) -> None:
+        """The lock was free, yet a record is there: its owner died (the kernel dropped the lock),
+        unless the file system's locks do not reach the owner (local-only locks on a network
+        mount). Only a record of this host whose process is gone is taken over."""
+        this_host = record.get("host") == socket.gethostname()
+        if this_host and not _pid_running(record.get("pid")):
+            self.warn(f"taking over the stale lock {self.path} of {_holder_text(record)}, which is no longer running")
+            return
+        os.close(fd)
+        where = "is still running" if this_host else "ran on another host, which this file system's locks may not reach"
+        raise BusyError(f"{self.target} may be in use: {self.path} names {_holder_text(record)}, which {where}; if "
+                        f"that process is gone, delete {self.path} and run again")
 
     def release(self) -> None:
         if self._fd is None:
@@ -156,14 +181,16 @@ def check_output_dir(out_dir: str | os.PathLike, manifest: str, kind: str, overw
 
 def check_not_an_input(out_dir: str | os.PathLike, inputs: Iterable[tuple[str, str | os.PathLike]],
                        option: str = "--out") -> None:
-    """An output is never an input nor a folder holding one: replacing it would delete what the
-    stage reads. `inputs`: (what, path) pairs."""
+    """An output is never an input, a folder holding one (replacing it would delete what the stage
+    reads) nor a folder inside one (writing it would change the input). `inputs`: (what, path)."""
     out = Path(out_dir).resolve()
     for what, path in inputs:
         source = Path(path).resolve()
-        if out == source or out in source.parents:
-            raise UsageError(f"{option} {out_dir}: {'is' if out == source else 'contains'} the {what} {path}, "
-                             "which this command reads; choose an output outside it")
+        relation = "is" if out == source else "contains" if out in source.parents else \
+            "is inside" if source in out.parents else None
+        if relation:
+            raise UsageError(f"{option} {out_dir}: {relation} the {what} {path}, which this command reads; "
+                             "choose an output outside it")
 
 
 @contextlib.contextmanager

@@ -80,12 +80,17 @@ def metric_table(metrics: dict[str, dict]):
     """The evaluation's metrics as a rich Table: value, N, extractor, reference."""
     from rich.table import Table
 
+    from rich.text import Text
+
+    def cell(value: object) -> Text:  # reasons and ids hold paths and exception texts: no markup
+        return Text(printable(value))
+
     table = Table(title="evaluation", title_justify="left")
     for column in ("metric", "value", "N", "extractor", "reference"):
         table.add_column(column, justify="right" if column in ("value", "N") else "left", overflow="fold")
     for name, result in metrics.items():
         if "unavailable" in result:
-            table.add_row(name, "[yellow]unavailable[/]", "", result["unavailable"], "")
+            table.add_row(cell(name), Text("unavailable", style="yellow"), "", cell(result["unavailable"]), "")
             continue
         value = result["value"]
         if isinstance(value, dict):
@@ -96,6 +101,6 @@ def metric_table(metrics: dict[str, dict]):
         reference = result.get("reference")
         if isinstance(reference, dict):
             reference = f"{reference.get('split')} (N={reference.get('n')})"
-        table.add_row(name, text, str(result.get("n_generated", result.get("n", ""))),
-                      str(result.get("extractor_id") or ""), str(reference or ""))
+        table.add_row(cell(name), cell(text), cell(result.get("n_generated", result.get("n", ""))),
+                      cell(result.get("extractor_id") or ""), cell(reference or ""))
     return table

@@ -38,10 +38,10 @@ def decode_caption_bytes(data: bytes) -> tuple[str, str | None]:
 
 
 # ECMA-48 escape sequences: CSI (ESC [ ... final byte), OSC (ESC ] ... BEL or ESC \\), and the
-# two-byte ESC sequences; then any other C0/C1 control character except tab, newline and CR (which
-# are whitespace, collapsed like the rest).
+# two-byte ESC sequences; then any other C0/C1 control character except the whitespace ones (tab,
+# newline, vertical tab, form feed, CR), which are collapsed like other whitespace.
 _ESCAPE_SEQUENCE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])")
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f]")
 
 
 def strip_control_characters(text: str) -> tuple[str, int]:

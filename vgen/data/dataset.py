@@ -7,6 +7,7 @@ workers share the page cache instead of copying tensors.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -24,7 +25,9 @@ from vgen.manifest import read_manifest, resolve_inside, sha256_file, verify_fil
 REQUIRED_KEYS = ("resolution", "shards", "index.file", "index.sha256", "counts.kept")
 # Files already hashed and found intact, by (size, mtime, inode): a dataset is hashed once, not at
 # every load. A file changed in place gets a new mtime and is hashed again.
-VERIFIED_CACHE = ".vgen-cache/verified.json"
+CACHE_DIR = ".vgen-cache"  # what later stages cache about a dataset (verdicts, reference features)
+VERIFIED_CACHE = f"{CACHE_DIR}/verified.json"
+_VERIFIED_HERE: dict[str, dict] = {}  # the same verdicts in this process, for a dataset we cannot write
 
 
 def load_dataset_manifest(dataset_dir: str | Path) -> dict:
@@ -50,6 +53,7 @@ def verify_dataset(dataset_dir: str | Path, manifest: dict | None = None) -> Non
         cache = cache if isinstance(cache, dict) else {}
     except (OSError, ValueError):
         cache = {}
+    cache = {**cache, **_VERIFIED_HERE.get(str(root.resolve()), {})}
     entries = [*manifest["shards"], manifest["index"]]
     verified, changed = {}, False
     for entry in entries:
@@ -67,6 +71,7 @@ def verify_dataset(dataset_dir: str | Path, manifest: dict | None = None) -> Non
         except IntegrityError as e:
             raise IntegrityError(f"{e}. Rebuild the dataset with `vgen preprocess`") from None
         verified[name], changed = {"sha256": entry["sha256"], "stat": _stat_key(file)}, True
+    _VERIFIED_HERE[str(root.resolve())] = verified
     if changed:
         try:
             atomic_write_text(cache_path, json.dumps(verified, indent=0) + "\n")
@@ -152,5 +157,15 @@ class ImageCaptionDataset(Dataset):
 
 
 def dataset_sha256(dataset_dir: str | Path) -> str:
-    """The hash later stages record to say which dataset they were made from."""
+    """The hash later stages record to say which dataset manifest they were made from."""
     return sha256_file(Path(dataset_dir) / DATASET_MANIFEST)
+
+
+def dataset_content_sha256(dataset_dir: str | Path) -> str:
+    """The hash of what a dataset holds (its index and shards, by their recorded sha256), the same
+    for the same data whatever else dataset.yaml says (its creation time, statistics a newer vgen
+    adds): what decides whether a run may resume on a dataset."""
+    manifest = load_dataset_manifest(dataset_dir)
+    entries = sorted((str(e.get("file")), str(e.get("sha256"))) for e in [*manifest["shards"], manifest["index"]]
+                     if isinstance(e, dict))
+    return hashlib.sha256(json.dumps(entries).encode("utf-8")).hexdigest()

@@ -265,13 +265,14 @@ SCENES_MANIFEST = ".emoji-scenes.yaml"  # hidden: preprocess skips it, so a raw 
 
 
 def write_emoji_scenes(out_dir: str | os.PathLike, count: int, seed: int = 0, overwrite: bool = False,
-                       progress: Callable[[int], None] | None = None) -> dict:
+                       progress: Callable[[int], None] | None = None,
+                       warn: Callable[[str], None] | None = None) -> dict:
     """Write scenes 0..count-1 as `NNNNNN.png` + `NNNNNN.txt` (caption) into `out_dir`, atomically,
     with a small manifest (.emoji-scenes.yaml) so that `overwrite` replaces only such a folder."""
     out_dir = Path(out_dir)
     if count < 1:
         raise UsageError(f"--count must be at least 1, got {count}")
-    with claim_output_dir(out_dir, SCENES_MANIFEST, "emoji-scenes", overwrite, option="OUT_DIR"):
+    with claim_output_dir(out_dir, SCENES_MANIFEST, "emoji-scenes", overwrite, option="OUT_DIR", warn=warn):
         renderer = SceneRenderer()  # before creating anything, so a missing font leaves no partial folder
         width = max(6, len(str(count - 1)))
         counts = dict.fromkeys(RELATIONS, 0)

@@ -223,7 +223,7 @@ def _preprocess(raw: Path, out: Path, raw_dir, out_dir, options: PreprocessOptio
     kept = truncated = lenient = controls = controlled_images = 0
     truncated_example = ""
 
-    with atomic_directory(out, overwrite=options.overwrite) as tmp:
+    with atomic_directory(out, overwrite=True) as tmp:  # claim_output_dir decided it may be replaced
         (tmp / "shards").mkdir()
         rows = rows_per_shard(R, options.shard_mb)
         writers = {split: ShardWriter(tmp, split, R, rows) for split in SPLITS}

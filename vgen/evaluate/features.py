@@ -65,6 +65,7 @@ from PIL import Image
 from torch import nn
 
 from vgen.atomic import atomic_path
+from vgen.data.dataset import CACHE_DIR
 from vgen.errors import MissingDependencyError, UsageError
 from vgen.evaluate.metrics import FeatureStatistics, feature_statistics
 from vgen.manifest import sha256_file
@@ -332,7 +333,6 @@ def extract_features(
 
 # --- reference cache -----------------------------------------------------------------------------
 
-CACHE_DIR = ".vgen-cache"
 CACHE_FORMAT = "vgen-reference-features/1"
 SUBSET_SEED = 0  # which images `max_images` picks: a fixed function of the split
 

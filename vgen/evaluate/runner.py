@@ -26,7 +26,7 @@ from typing import Any
 
 from vgen.atomic import atomic_directory
 from vgen.errors import UsageError
-from vgen.outputs import claim_output_dir
+from vgen.outputs import claim_output_dir, manifest_kind
 from vgen.evaluate.evaluation import (
     EVALUATION_MANIFEST,
     EvalOptions,
@@ -219,8 +219,13 @@ def _evaluate_generation_dir(gen_dir: Path, data_dir: Path, out_dir: Path, optio
     start = time.perf_counter()
     images = read_generation_dir(gen_dir)
     clip_source = options.clip
-    run_dir = Path(images.model["run"]) if images.model.get("run") else None
-    if clip_source is None and run_dir is not None and run_dir.is_dir():
+    # The run the images came from (a reference to another artifact, not a file of this dir): used
+    # only if it is one, i.e. holds a run manifest.
+    run_dir = Path(str(images.model["run"])) if images.model.get("run") else None
+    if run_dir is not None and manifest_kind(run_dir / "run.yaml") != "run":
+        log(f"{images.path}: the run it names ({run_dir}) is not a run dir here; evaluating without it")
+        run_dir = None
+    if clip_source is None and run_dir is not None:
         clip_source = run_text_encoder_source(run_dir)
     with atomic_directory(out_dir, overwrite=True) as tmp:
         metrics, verdicts, seconds = evaluate_sets(images, images, data_dir, clip_source, options, progress, log)
@@ -241,7 +246,7 @@ def _evaluate_generation_dir(gen_dir: Path, data_dir: Path, out_dir: Path, optio
         }
         manifest = write_evaluation(tmp, body, verdicts)
         _write_report(tmp, manifest, {images.name: images}, verdicts,
-                      run_dir if run_dir is not None and run_dir.is_dir() else None)
+                      run_dir)
     return manifest
 
 

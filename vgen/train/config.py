@@ -68,7 +68,7 @@ class FlowConfig:
     logit_mean: float = 0.0
     logit_std: float = bounded(1.0, gt=0)
     sample_steps: int = bounded(20, ge=1)
-    sample_guidance: float = 3.0
+    sample_guidance: float = bounded(3.0, ge=0)  # 1: no guidance
     sample_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_SAMPLE_PROMPTS))
     sample_seeds: int = bounded(4, ge=1)  # images per prompt in the sample grids
 

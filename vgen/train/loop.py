@@ -27,10 +27,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from vgen.config import to_dict
-from vgen.data.dataset import ImageCaptionDataset, dataset_sha256
-from vgen.errors import ConfigError, IntegrityError, UsageError, VgenError
+from vgen.data.dataset import (ImageCaptionDataset, dataset_content_sha256, dataset_sha256, load_dataset_manifest,
+                               verify_dataset)
+from vgen.errors import ConfigError, IntegrityError, ManifestError, UsageError, VgenError
 from vgen.manifest import read_manifest, sha256_file, write_manifest
-from vgen.outputs import OutputLock, check_output_dir
+from vgen.outputs import OutputLock, check_not_an_input, check_output_dir
 from vgen.train import checkpoint as ckpt
 from vgen.train.config import TrainConfig
 from vgen.train.distributed import Distributed, all_reduce, barrier, init_distributed, shutdown
@@ -73,29 +74,40 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def _check_same_run(run_dir: Path, resolved: dict, data_dir: Path) -> None:
     """Refuse to resume a run dir with a different config or dataset: the result would be neither
-    run (a dataset may move: the same dataset.yaml at another path is the same data)."""
+    run. A dataset may move, or be rebuilt from the same files: the same content is the same data."""
     previous = read_manifest(run_dir / RUN_MANIFEST, "run", required=("config",))
+    if not isinstance(previous["config"], dict) or not isinstance(previous.get("dataset") or {}, dict):
+        raise ManifestError(f"{run_dir / RUN_MANIFEST}: `config` and `dataset` must be mappings")
     old, new = _flatten(previous["config"]), _flatten(resolved)
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
     if changed:
         details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
         raise ConfigError(f"{run_dir} holds a run with a different config ({details}); "
                           "use a new --out directory, or the same config to resume")
-    recorded = (previous.get("dataset") or {}).get("manifest_sha256")
-    if recorded and recorded != dataset_sha256(data_dir):
+    dataset = previous.get("dataset") or {}
+    # Runs of vgen before content_sha256 recorded only the manifest's hash.
+    recorded, current = (dataset.get("content_sha256"), dataset_content_sha256(data_dir)) \
+        if dataset.get("content_sha256") else (dataset.get("manifest_sha256"), dataset_sha256(data_dir))
+    if recorded and recorded != current:
         raise UsageError(f"--data {data_dir}: {run_dir} was trained on another dataset "
-                         f"({previous['dataset'].get('path')}, dataset.yaml sha256 {recorded[:12]}…); resume it "
+                         f"({dataset.get('path')}, sha256 {str(recorded)[:12]}…); resume it "
                          "with that --data, or train on this one into a new --out directory")
 
 
 def _check_checkpoints(run_dir: Path, start_over: bool) -> None:
     """When a run dir has checkpoints and none of them verifies, resuming would silently start from
-    step 0 and prune them: refuse, or with `start_over` set them aside (never delete them)."""
+    step 0 and prune them: refuse, or with `start_over` set them aside (never delete them). Damaged
+    ones newer than the one resumed are set aside too: left in place, pruning by step would keep
+    them and delete the good ones."""
     present = ckpt.list_checkpoints(run_dir)
     if not present:
         return
     damaged = ckpt.damaged_checkpoints(run_dir)
-    if start_over:
+    if damaged and not start_over and len(damaged) < len(present):
+        aside = ckpt.set_aside(run_dir, list(damaged))
+        warn(f"moved {len(damaged)} damaged checkpoints to {aside} ({'; '.join(damaged.values())}); resuming from "
+             "the newest intact one")
+    elif start_over:
         aside = ckpt.set_aside(run_dir, present)
         for name in (METRICS_FILE,):
             if (run_dir / name).exists():
@@ -159,41 +171,60 @@ class _Metrics:
         self.file.close()
 
 
-def train(cfg: TrainConfig, data_dir: Path, run_dir: Path, start_over: bool = False) -> dict:
+def train(cfg: TrainConfig, data_dir: Path, run_dir: Path, start_over: bool = False) -> dict | None:
     """Train (or resume) a run of `cfg` on the dataset at `data_dir` into `run_dir`; returns the
-    summary `vgen train --json` prints.
+    summary `vgen train --json` prints (on the main process; None on the others).
 
     The run dir is locked for the whole run (vgen.outputs.OutputLock, held by the main process):
     a second process on it is refused with the holder's pid and host."""
+    load_dataset_manifest(data_dir)  # a --data that is no dataset is the first thing to say
     dist = init_distributed(cfg.train.device)
     lock = None
     try:
-        lock = _claim_run_dir(Path(run_dir), Path(data_dir), dist)
-        return _train(cfg, Path(data_dir), Path(run_dir), dist, start_over)
+        lock = _on_main(dist, lambda: _claim_run_dir(Path(run_dir), Path(data_dir)))
+        summary = _train(cfg, Path(data_dir), Path(run_dir), dist, start_over)
+        return summary if dist.is_main else None
     finally:
         if lock is not None:
             lock.release()
         shutdown(dist)
 
 
-def _claim_run_dir(run_dir: Path, data_dir: Path, dist: Distributed) -> OutputLock | None:
-    """Lock `run_dir` and check it is new, empty or a run (to resume), on the main process; every
-    process stops if that fails, so none starts writing."""
-    lock, error = None, None
+def _on_main(dist: Distributed, work):
+    """Run `work` on the main process only; if it raises, every process raises (the others would
+    otherwise wait at the next collective until torchrun kills them). Returns its result there."""
+    result, error = None, None
     if dist.is_main:
         try:
-            if run_dir.resolve() == data_dir.resolve() or run_dir.resolve() in data_dir.resolve().parents:
-                raise UsageError(f"--out {run_dir}: is (or contains) the dataset --data {data_dir}; choose a run "
-                                 "directory outside it")
-            lock = OutputLock(run_dir, warn=warn).acquire()
-            check_output_dir(run_dir, RUN_MANIFEST, "run", False, existing="resume")
-        except BaseException as e:
-            if lock is not None:
-                lock.release()
+            result = work()
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after telling the others
             error = e
     if all_reduce(torch.tensor(float(error is not None)), "max").item():
-        raise error if error is not None else VgenError(f"{run_dir}: the main process could not claim the run dir")
+        raise error if error is not None else VgenError("stopped: the main process failed (its message is above)")
+    return result
+
+
+def _claim_run_dir(run_dir: Path, data_dir: Path) -> OutputLock:
+    """Lock `run_dir` and check it is new, empty or a run (to resume). A run.yaml that still says
+    `running` while we hold the lock belongs to a process that was killed: it is corrected first."""
+    check_not_an_input(run_dir, [("dataset", data_dir)])
+    lock = OutputLock(run_dir, warn=warn).acquire()
+    try:
+        if check_output_dir(run_dir, RUN_MANIFEST, "run", False, existing="resume"):
+            _mark_killed(run_dir)
+    except BaseException:
+        lock.release()
+        raise
     return lock
+
+
+def _mark_killed(run_dir: Path) -> None:
+    manifest = read_manifest(run_dir / RUN_MANIFEST, "run")
+    if manifest.get("status") == "running":
+        body = {k: v for k, v in manifest.items() if k not in ("schema", "kind", "vgen_version", "created")}
+        write_manifest(run_dir / RUN_MANIFEST, "run", {**body, "status": "interrupted",
+                                                       "error": "the process training it stopped without a word "
+                                                                "(killed, or the machine went down)"})
 
 
 def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, dist: Distributed, start_over: bool) -> dict:
@@ -202,15 +233,14 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, dist: Distributed, s
         raise ConfigError(f"train.batch_size {loop.batch_size} is not divisible by the {dist.world_size} processes")
     local_batch = loop.batch_size // dist.world_size
     resolved = to_dict(cfg)
-    train_set = ImageCaptionDataset(data_dir, "train")
-    val_set = ImageCaptionDataset(data_dir, "val", verify=False)  # verified with the train split
+    _on_main(dist, lambda: verify_dataset(data_dir))  # hashed once, not by every process at the same time
+    train_set = ImageCaptionDataset(data_dir, "train", verify=False)
+    val_set = ImageCaptionDataset(data_dir, "val", verify=False)
     if len(val_set) == 0:
         val_set = train_set
     if (run_dir / RUN_MANIFEST).exists():
         _check_same_run(run_dir, resolved, data_dir)
-    if dist.is_main:
-        _check_checkpoints(run_dir, start_over)
-    barrier()
+    _on_main(dist, lambda: _check_checkpoints(run_dir, start_over))
     enable_tf32(device)
 
     torch.manual_seed(loop.seed)  # the initial weights; DDP broadcasts rank 0's anyway
@@ -261,7 +291,7 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, dist: Distributed, s
             **({"error": error} if error else {}),
             "config": resolved,
             "dataset": {"path": str(data_dir.resolve()), "manifest_sha256": dataset_sha256(data_dir),
-                        "resolution": train_set.resolution, "train_images": len(train_set)},
+                        "content_sha256": dataset_content_sha256(data_dir), "resolution": train_set.resolution, "train_images": len(train_set)},
             "environment": {"torch": str(torch.__version__), "python": platform.python_version(),
                             "device": str(device), "world_size": dist.world_size, "precision": precision,
                             "precision_reason": precision_reason, "threads": torch.get_num_threads(),
@@ -361,7 +391,7 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, dist: Distributed, s
         # run.yaml must not go on saying `running`: it says how the run ended and why (when the disk
         # takes this write; on a full disk it may not, and the error then says so itself).
         status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-        with contextlib.suppress(OSError, VgenError):
+        with contextlib.suppress(Exception):  # the original error is the one to report
             manifest(status, step, error="a second Ctrl-C" if status == "interrupted" else (str(e) or repr(e)))
         raise
     finally:

@@ -71,13 +71,21 @@ def cpu_bf16_instructions() -> tuple[bool | None, str]:
     return False, "CPU has neither AMX nor AVX512-BF16 (bf16 would be emulated)"
 
 
+def _cuda_bf16_native() -> bool:
+    """bf16 in the GPU's hardware (Ampere and newer), not emulated (as torch counts it on V100/T4)."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch before the argument existed counted only native support
+        return torch.cuda.is_bf16_supported()
+
+
 def choose_precision(requested: str, device: torch.device, width: int) -> tuple[str, str]:
     """(precision, why) for `train.precision`; `auto` depends only on the device's capabilities,
     except on a CPU of unknown kind, where a timed matmul decides (the documented fallback)."""
     if requested != "auto":
         return requested, "set in the config"
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
+        if _cuda_bf16_native():
             return "bf16", "auto: the GPU supports bf16"
         return "fp32", "auto: the GPU does not support bf16"
     native, why = cpu_bf16_instructions()
