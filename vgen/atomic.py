@@ -56,7 +56,10 @@ def _publish_modes(root: Path) -> None:
                 os.chmod(os.path.join(folder, name), _FILE_MODE)
 
 
-def _pid_running(pid: int) -> bool:
+def pid_running(pid: object) -> bool:
+    """Whether a process of this host has this pid (an owner check for temporaries and locks)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -83,7 +86,7 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
         if not match:
             continue
         pid, host = [g for g in match.groups() if g is not None]
-        if host != _HOST or _pid_running(int(pid)):
+        if host != _HOST or pid_running(int(pid)):
             continue
         target = Path(entry.path)
         if entry.is_dir(follow_symlinks=False):

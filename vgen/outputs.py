@@ -29,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+from vgen.atomic import pid_running
 from vgen.errors import BusyError, UsageError
 
 Warn = Callable[[str], None]
@@ -44,18 +45,6 @@ def lock_path(target: str | os.PathLike) -> Path:
 def _holder_text(record: dict) -> str:
     who = record.get("command") or "a vgen process"
     return f"{who} (pid {record.get('pid', '?')} on {record.get('host', '?')}, since {record.get('since', '?')})"
-
-
-def _pid_running(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _read_record(fd: int) -> dict:
@@ -123,7 +112,7 @@ class OutputLock:
         unless the file system's locks do not reach the owner (local-only locks on a network
         mount). Only a record of this host whose process is gone is taken over."""
         this_host = record.get("host") == socket.gethostname()
-        if this_host and not _pid_running(record.get("pid")):
+        if this_host and not pid_running(record.get("pid")):
             self.warn(f"taking over the stale lock {self.path} of {_holder_text(record)}, which is no longer running")
             return
         os.close(fd)
