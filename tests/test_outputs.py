@@ -178,3 +178,37 @@ def test_safetensors_io_errors_read_as_os_errors(tmp_path):
     except Exception as e:  # noqa: BLE001
         error = atomic._as_os_error(e)
     assert error is not None and error.errno == errno.ENOENT
+
+
+def test_a_read_only_place_for_the_lock_names_the_output(tmp_path, monkeypatch):
+    import vgen.outputs
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(vgen.outputs.os, "open", read_only)
+    with pytest.raises(ArtifactWriteError, match="read-only") as info:
+        OutputLock(tmp_path / "gen").acquire()
+    assert str(tmp_path / "gen") in str(info.value)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 64 KB file system (tmpfs), where this machine lets the tests mount one."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN); the monkeypatched tests cover it")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_really_full_disk(tiny_disk, tmp_path, vgen_cli):
+    from tests.train_fixtures import make_colour_squares
+
+    raw = make_colour_squares(tmp_path, per_colour=24, size=64)  # 51 distinct images, 157 KB of shards at 32 px: does not fit
+    result = vgen_cli("preprocess", raw, "-o", tiny_disk / "ds", "-r", 32, "--workers", 1)
+    assert result.exit_code == 1 and "internal error" not in result.stderr
+    assert f"cannot write {tiny_disk / 'ds'}: no space left" in result.stderr
+    assert list(tiny_disk.iterdir()) == []  # nothing half-written left

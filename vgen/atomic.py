@@ -116,13 +116,18 @@ def _write_errors(path: Path, ours: bool = True) -> Iterator[None]:
     caller's block one may be about reading an input, and stays as it is."""
     try:
         yield
-    except ArtifactWriteError:
-        raise
+    except ArtifactWriteError as e:
+        # A file of this artifact (a shard inside a dataset being built) failed: the user chose the
+        # artifact, not our temporary path to its file, so the artifact is what the message names.
+        if ours or e.errno is None:
+            raise
+        raise ArtifactWriteError(os_error_message(OSError(e.errno, os.strerror(e.errno)), path, writing=True),
+                                 e.errno) from e
     except Exception as e:  # noqa: BLE001 - only disk errors are translated; the rest re-raised
         error = _as_os_error(e)
         if error is not None and (error.errno in _WRITE_ERRNOS or (
                 error.errno in (errno.EACCES, errno.EPERM) and (ours or error.filename is None))):
-            raise ArtifactWriteError(os_error_message(error, path, writing=True)) from e
+            raise ArtifactWriteError(os_error_message(error, path, writing=True), error.errno) from e
         raise
 
 

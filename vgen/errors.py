@@ -38,7 +38,12 @@ class IntegrityError(VgenError):
 
 
 class ArtifactWriteError(VgenError):
-    """An artifact that could not be written (disk full, read-only, no permission). Exit code 1."""
+    """An artifact that could not be written (disk full, read-only, no permission). Exit code 1.
+    `errno`: the OS error behind it, so an enclosing artifact can re-name the failure as its own."""
+
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno
 
 
 _OS_ADVICE = {

@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 
 from vgen.atomic import pid_running
-from vgen.errors import BusyError, UsageError
+from vgen.errors import ArtifactWriteError, BusyError, UsageError, os_error_message
 
 Warn = Callable[[str], None]
 
@@ -69,9 +69,12 @@ class OutputLock:
     def acquire(self) -> OutputLock:
         import fcntl
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:  # a read-only or full disk, no permission: the output cannot be written
+                raise ArtifactWriteError(os_error_message(e, self.target, writing=True), e.errno) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
