@@ -18,12 +18,13 @@ DEMO_RESOLUTION ?= 32
 # prompts over training pairs) keep the accuracy's standard error near 0.025 for about 20 s more.
 DEMO_EVAL_FLAGS ?= --steps 10 --precision bf16 --feature-precision bf16 --per-prompt 4
 
-.PHONY: help setup system-deps test test-floors demo clean-demo
+.PHONY: help setup system-deps test test-fast test-floors demo clean-demo
 .DEFAULT_GOAL := help
 
 help:
 	@echo "make demo   set up, then run the whole pipeline on the embedded emoji-scenes data into $(DEMO_DIR)/"
 	@echo "make test   set up, then run the test suite"
+	@echo "make test-fast  the unit tests only (no end-to-end training runs), under a minute"
 	@echo "make setup  create $(VENV), install torch ($(TORCH_PIN)), vgen[dev] and the Debian packages"
 	@echo "make test-floors  run the tests on the lowest version of every dependency pyproject.toml declares"
 
@@ -71,6 +72,10 @@ system-deps:
 
 test: setup
 	$(PY) -m pytest -q
+
+# Everything but the end-to-end tests (`@pytest.mark.slow`: training runs, subprocesses): under a minute.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
 
 # The declared floors, tested: $(FLOORS_VENV) gets exactly the lowest version of every dependency in
 # pyproject.toml (`>=X` installed as `==X`, with what they need), and sees $(VENV)'s site-packages

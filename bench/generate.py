@@ -99,7 +99,7 @@ def main() -> None:
     if busy > 0.5:
         print(f"warning: load average {busy:.1f} before starting; timings will be noisy", file=sys.stderr)
 
-    gen = load_generator(args.run, device=args.device, precision=args.precision,
+    gen = load_run(args.run, device=args.device, precision=args.precision,
                          warn=lambda m: print(m, file=sys.stderr))
     sample_prompts = gen.cfg.flow.sample_prompts
     prompts = [sample_prompts[i % len(sample_prompts)] for i in range(count)]

@@ -25,9 +25,9 @@ from vgen.config import from_dict
 from vgen.evaluate.judge import compositional_accuracy, judge_images
 from vgen.evaluate.runner import benchmark_prompts
 from vgen.grid import to_uint8
-from vgen.train import checkpoint as ckpt
-from vgen.train.config import TrainConfig
-from vgen.train.flow_task import FlowTask
+from vgen import checkpoint as ckpt
+from vgen.families.config import load_train_config, train_config_from_dict
+from vgen.families.flow import FlowFamily
 
 
 def main() -> None:
@@ -41,8 +41,8 @@ def main() -> None:
     args = parser.parse_args()
 
     body = yaml.safe_load((args.run / "run.yaml").read_text())
-    cfg = from_dict(TrainConfig, body["config"])
-    task = FlowTask(cfg, body["dataset"]["resolution"], torch.device("cpu"))
+    cfg = train_config_from_dict(body["config"])
+    task = FlowFamily(cfg, body["dataset"]["resolution"], torch.device("cpu"))
     path = (args.run / ckpt.CHECKPOINT_DIR / f"step-{args.step:08d}" if args.step is not None
             else ckpt.resolve_checkpoint(args.run)[0])
     task.model.load_state_dict(ckpt.load_tensors(path, args.weights, "cpu"))

@@ -99,7 +99,7 @@ def main() -> None:
     relations = list(es.RELATIONS)
     print(f"\n| run | split | {' | '.join(relations)} |\n|---|---|{'---:|' * len(relations)}")
     for run in args.runs:
-        gen = load_generator(run, device=args.device)
+        gen = load_run(run, device=args.device)
         flow = gen.cfg.flow
         for split in ("train", "heldout"):
             prompts = [p for p in es.benchmark_prompts(split, 20) for _ in range(args.seeds)]

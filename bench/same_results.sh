@@ -45,6 +45,10 @@ for kind in ("clip", "flow"):
         for stem in ("model", "ema", "optimizer"):
             a = load_file(str(checkpoint / f"{stem}.safetensors"))
             b = load_file(str(Path(f"{kind}-new/checkpoints") / checkpoint.name / f"{stem}.safetensors"))
+            # Optimizer state is keyed by phase since the family seam ("denoiser.state.0.exp_avg");
+            # a commit before it has one optimizer and no phase in its keys.
+            if stem == "optimizer" and all(k.startswith("state.") for k in a):
+                b = {k.split(".", 1)[1] if not k.startswith("state.") else k: v for k, v in b.items()}
             same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
             print(f"{kind} {checkpoint.name} {stem}: {len(a)} tensors, {'bit-identical' if same else 'DIFFERENT'}")
     rows = {side: [{k: v for k, v in json.loads(line).items() if k not in ("time", "images_per_s")}

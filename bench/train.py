@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from vgen.config import load_config
 from vgen.diffusion.flow import flow_loss, interpolate, logit_normal_t
 from vgen.models.dit import DiT, DiTConfig
-from vgen.train.config import TrainConfig
+from vgen.families.config import load_train_config, train_config_from_dict
 
 try:
     from diffusers import UNet2DConditionModel
@@ -155,7 +155,7 @@ def main() -> None:
         print(f"warning: load average {busy:.1f} before starting on {os.cpu_count()} cores; "
               f"timings with {args.threads} threads will be unreliable", file=sys.stderr)
 
-    cfg = load_config(TrainConfig, args.config)
+    cfg = load_train_config(args.config)
     net, batch = cfg.flow.network, args.batch_size or cfg.train.batch_size
     if args.quick:
         net = DiTConfig(image_size=16, channels=net.channels, patch_size=2, width=64, depth=2, heads=2)

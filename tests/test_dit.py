@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from vgen.models.dit import DiT, DiTConfig
+from vgen.text.encoder import TextFeatures
 
 TEXT_WIDTH, LENGTH = 32, 8
 
@@ -24,6 +25,10 @@ def text_and_mask(real: int = 6):
     return text, mask
 
 
+def feats(text, mask, inputs=None) -> TextFeatures:
+    return TextFeatures(text, mask, torch.zeros(text.shape[0], 16), inputs)
+
+
 def test_refined_tokens_see_later_tokens():
     # What a causal text tower cannot do: the first word's features depend on a later word.
     dit = make_dit(refiner_layers=2)
@@ -31,7 +36,7 @@ def test_refined_tokens_see_later_tokens():
     changed = text.clone()
     changed[:, 4] = torch.randn(TEXT_WIDTH)  # a later word ("above" -> "below")
     with torch.no_grad():
-        before, after = dit.refine_text(text, mask), dit.refine_text(changed, mask)
+        before, after = dit.refine_text(feats(text, mask)), dit.refine_text(feats(changed, mask))
     assert (before[:, 1] - after[:, 1]).abs().max() > 1e-3
 
 
@@ -41,7 +46,7 @@ def test_refined_tokens_ignore_padding():
     padded = text.clone()
     padded[:, 5:] = torch.randn(1, LENGTH - 5, TEXT_WIDTH)  # whatever sits in the padding
     with torch.no_grad():
-        a, b = dit.refine_text(text, mask), dit.refine_text(padded, mask)
+        a, b = dit.refine_text(feats(text, mask)), dit.refine_text(feats(padded, mask))
     torch.testing.assert_close(a[:, :5], b[:, :5])
 
 
@@ -52,7 +57,7 @@ def test_refiner_sees_word_order():
     swapped = text.clone()
     swapped[:, [2, 5]] = text[:, [5, 2]]
     with torch.no_grad():
-        a, b = dit.refine_text(text, mask), dit.refine_text(swapped, mask)
+        a, b = dit.refine_text(feats(text, mask)), dit.refine_text(feats(swapped, mask))
     assert (a[:, 2] - b[:, 5]).abs().max() > 1e-3
 
 
@@ -60,7 +65,7 @@ def test_no_refiner_means_no_parameters_and_identity():
     dit = make_dit(refiner_layers=0)
     assert not any(name.startswith(("text_refiner", "text_pos")) for name, _ in dit.named_parameters())
     text, mask = text_and_mask()
-    assert dit.refine_text(text, mask) is text
+    assert dit.refine_text(feats(text, mask)) is text
 
 
 def test_lexical_path_separates_words_the_tower_output_blurs():
@@ -72,9 +77,9 @@ def test_lexical_path_separates_words_the_tower_output_blurs():
     other[:, 3] = 0.02 * torch.randn(TEXT_WIDTH, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         lexical = make_dit(refiner_layers=1, lexical=True)
-        a, b = lexical.refine_text(text, mask, inputs), lexical.refine_text(text, mask, other)
+        a, b = lexical.refine_text(feats(text, mask, inputs)), lexical.refine_text(feats(text, mask, other))
         plain = make_dit(refiner_layers=1)
-        c, d = plain.refine_text(text, mask, inputs), plain.refine_text(text, mask, other)
+        c, d = plain.refine_text(feats(text, mask, inputs)), plain.refine_text(feats(text, mask, other))
     # Normalised first: embeddings at CLIP's init scale (0.02) still move every refined token.
     assert (a[:, 1] - b[:, 1]).abs().max() > 1e-2
     torch.testing.assert_close(c, d)
@@ -84,4 +89,4 @@ def test_lexical_dit_needs_the_input_embeddings():
     dit = make_dit(refiner_layers=0, lexical=True)
     text, mask = text_and_mask()
     with pytest.raises(ValueError, match="text_lexical"):
-        dit.refine_text(text, mask)
+        dit.refine_text(feats(text, mask))

@@ -27,7 +27,7 @@ from vgen.evaluate import judge as J
 from vgen.evaluate.evaluation import METRICS, EvalOptions
 from vgen.evaluate.runner import evaluate_generation_dir
 from vgen.manifest import sha256_file, write_manifest
-from vgen.train.config import TrainConfig
+from vgen.families.config import load_train_config, train_config_from_dict
 
 RESOLUTION = 16
 
@@ -49,7 +49,7 @@ def assets(tmp_path_factory, pytestconfig):
     tiny_text_encoder(root)
     sets = [*TINY_FLOW, f"text_encoder.source=local-dir:{root / 'tiny-clip'}", "train.steps=20",
             "train.checkpoint_every=10", "train.val_every=10", "train.sample_every=1000", "optim.lr=2e-3"]
-    train(from_dict(TrainConfig, apply_overrides({}, sets)), data, root / "run")
+    train(train_config_from_dict(apply_overrides({}, sets)), data, root / "run")
     return {"root": root, "data": data, "run": root / "run",
             "judge_cache": Path(pytestconfig.cache.mkdir("vgen-judge"))}
 
@@ -78,6 +78,7 @@ def split_images(data: Path, split: str) -> tuple[list[np.ndarray], list[str]]:
     return ([ds.image(i).permute(1, 2, 0).numpy() for i in range(len(ds))], [c[0] for c in ds.captions])
 
 
+@pytest.mark.slow
 def test_metrics_on_known_sets(assets, judge_cache, tmp_path):
     """The val split scored as if generated: FID/FD ~0, precision and recall 1, memorisation like the
     baseline. Training images handed in as samples: every one flagged as a copy. Noise: far away."""
@@ -107,6 +108,7 @@ def test_metrics_on_known_sets(assets, judge_cache, tmp_path):
     assert (assets["data"] / FE.CACHE_DIR / f"reference-inception_{FE.INCEPTION_SHA256[:12]}-val.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_benchmark_with_checkpoints_and_report(assets, judge_cache, tmp_path, vgen_cli):
     out = tmp_path / "eval"
     result = vgen_cli("evaluate", "--run", assets["run"], "--benchmark", "emoji-scenes", "--data", assets["data"],
@@ -215,14 +217,14 @@ def test_usage_errors(assets, tmp_path, vgen_cli):
 def test_zero_step_run_is_the_untrained_baseline(assets, tmp_path):
     """train.steps=0 writes the initialised network as checkpoint 0 (the baseline FID is compared
     against), and running it again finds it done."""
-    from vgen.generate import load_generator
+    from vgen.runs import load_run
     from vgen.train.loop import train
 
     sets = [*TINY_FLOW, f"text_encoder.source=local-dir:{assets['root'] / 'tiny-clip'}", "train.steps=0"]
-    cfg = from_dict(TrainConfig, apply_overrides({}, sets))
+    cfg = train_config_from_dict(apply_overrides({}, sets))
     for _ in range(2):
         result = train(cfg, assets["data"], tmp_path / "zero")
         assert (result["step"], result["done"], result["status"]) == (0, True, "done")
     assert [p.name for p in (tmp_path / "zero" / "checkpoints").iterdir()] == ["step-00000000"]
     assert yaml.safe_load((tmp_path / "zero" / "run.yaml").read_text())["status"] == "done"
-    assert load_generator(tmp_path / "zero", device="cpu").step == 0
+    assert load_run(tmp_path / "zero", device="cpu").step == 0

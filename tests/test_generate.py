@@ -21,10 +21,10 @@ from tests.train_fixtures import colour_dataset, tiny_text_encoder
 from vgen.config import apply_overrides, from_dict
 from vgen.diffusion.samplers import time_grid, truncate_grid
 from vgen.errors import UsageError
-from vgen.generate import (GenerationRequest, generate, load_edit_inputs, load_generator, read_png_metadata,
-                           sample_images)
+from vgen.generate import GenerationRequest, generate, load_edit_inputs, read_png_metadata, sample_images
+from vgen.runs import load_run
 from vgen.manifest import read_manifest, sha256_file, write_manifest
-from vgen.train.config import TrainConfig
+from vgen.families.config import load_train_config, train_config_from_dict
 
 STEPS = 6  # sampler steps in these tests: enough to exercise the loop, cheap on 2 cores
 
@@ -43,7 +43,7 @@ def assets(tmp_path_factory):
     sets = [*TINY_FLOW, "text_encoder.source=local-dir:tiny-clip", "train.steps=40", "train.batch_size=32",
             "optim.lr=2e-3", "ema.decay=0.9", "train.checkpoint_every=20", "train.val_every=1000",
             "train.sample_every=1000"]
-    cfg = from_dict(TrainConfig, apply_overrides({}, sets))
+    cfg = train_config_from_dict(apply_overrides({}, sets))
     previous = os.getcwd()
     os.chdir(root)
     try:
@@ -55,7 +55,7 @@ def assets(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gen(assets):
-    return load_generator(assets["run"], device="cpu")
+    return load_run(assets["run"], device="cpu")
 
 
 def pixels(path: Path) -> np.ndarray:
@@ -88,12 +88,15 @@ def test_image_i_has_seed_s_plus_i(gen, tmp_path):
 
 
 def test_training_sample_grid_uses_the_same_sampler(gen):
-    """FlowTask.sample (the training grids) and `vgen generate` are one function."""
-    from vgen.train.flow_task import FlowTask
+    """The training grids (FlowFamily.write_samples) and `vgen generate` call one sampler."""
+    from vgen.families.base import SampleSettings
+    from vgen.families.flow import FlowFamily
 
-    task = FlowTask(gen.cfg, 16, gen.device)
-    a = task.sample(gen.model, ["red", "cyan"], [3, 4], STEPS, 3.0, contextlib.nullcontext)
-    b = sample_images(gen.model, ["red", "cyan"], [3, 4], gen.image_shape, steps=STEPS, guidance=3.0)
+    task = FlowFamily(gen.cfg, 16, gen.device)
+    settings = SampleSettings(steps=STEPS, guidance=3.0, sampler="euler")
+    a = task.sample(gen.model, ["red", "cyan"], [3, 4], settings, contextlib.nullcontext, "cpu")
+    request = GenerationRequest(prompts=["red", "cyan"], steps=STEPS, guidance=3.0).resolved(gen)
+    b = sample_images(gen, ["red", "cyan"], [3, 4], request)
     assert torch.equal(a, b)
 
 
@@ -209,7 +212,7 @@ def test_errors_are_clear_usage_errors(assets, tmp_path, vgen_cli):
 
 
 def test_relative_text_encoder_path_error_names_the_way_out(assets, tmp_path):
-    from vgen.generate import _resolve_text_source
+    from vgen.runs import resolve_text_source as _resolve_text_source
 
     manifest = {"environment": {"cwd": str(tmp_path / "gone")}}
     with pytest.raises(UsageError, match="directory `vgen train` ran in"):

@@ -19,7 +19,7 @@ import yaml
 from tests.test_train import TINY_FLOW
 from tests.train_fixtures import colour_dataset, make_colour_squares, tiny_text_encoder
 from vgen.manifest import sha256_file
-from vgen.train.checkpoint import list_checkpoints
+from vgen.checkpoint import list_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 FLOW_STEPS = ["train.steps=10", "train.checkpoint_every=5", "train.val_every=1000", "train.sample_every=1000"]
@@ -42,11 +42,11 @@ def assets(tmp_path_factory):
 def trained(assets, tmp_path_factory):
     """A finished 10-step run (checkpoints 5 and 10), never modified by the tests (they copy it)."""
     from vgen.config import load_config
-    from vgen.train.config import TrainConfig
+    from vgen.families.config import load_train_config, train_config_from_dict
     from vgen.train.loop import train
 
     run = tmp_path_factory.mktemp("trained") / "run"
-    train(load_config(TrainConfig, assets["config"]), assets["data"], run)
+    train(load_train_config(assets["config"]), assets["data"], run)
     return run
 
 
@@ -108,6 +108,7 @@ def test_generate_into_an_out_dir_in_use_is_refused(vgen_cli, trained, tmp_path)
 
 def test_default_generation_dirs_are_unique_within_a_second(trained, tmp_path, monkeypatch):
     import vgen.generate as G
+    from vgen.runs import load_run
 
     class Frozen(G._dt.datetime):
         @classmethod
@@ -116,7 +117,7 @@ def test_default_generation_dirs_are_unique_within_a_second(trained, tmp_path, m
 
     monkeypatch.setattr(G._dt, "datetime", Frozen)
     monkeypatch.chdir(tmp_path)
-    gen = G.load_generator(trained, device="cpu")
+    gen = load_run(trained, device="cpu")
     request = G.GenerationRequest(prompts=["red"], steps=2)
     first = G.generate(gen, request, warn=lambda m: None)["out_dir"]
     second = G.generate(gen, request, warn=lambda m: None)["out_dir"]
@@ -272,11 +273,12 @@ def test_json_has_no_nan(vgen_cli, assets, tmp_path):
 
 def test_negative_guidance_is_refused_by_the_stage(trained, tmp_path):
     from vgen.errors import UsageError
-    from vgen.generate import GenerationRequest, load_generator
+    from vgen.generate import GenerationRequest
+    from vgen.runs import load_run
 
-    gen = load_generator(trained, device="cpu")
+    gen = load_run(trained, device="cpu")
     with pytest.raises(UsageError, match="--guidance"):
-        GenerationRequest(prompts=["red"], guidance=-2.0).resolved(gen.cfg)
+        GenerationRequest(prompts=["red"], guidance=-2.0).resolved(gen)
 
 
 # 9. Misleading state.
@@ -297,7 +299,7 @@ def test_resume_with_another_dataset_is_refused(vgen_cli, assets, trained, tmp_p
 
 
 def test_a_failed_run_says_failed_in_run_yaml(vgen_cli, assets, tmp_path, monkeypatch):
-    import vgen.train.checkpoint as ckpt
+    import vgen.checkpoint as ckpt
 
     def disk_full(tensors, filename, metadata=None):
         raise OSError(errno.ENOSPC, "No space left on device")

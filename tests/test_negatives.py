@@ -24,21 +24,21 @@ def test_clip_loss_ranks_the_swapped_caption_as_a_negative(tmp_path):
     """With hard negatives the image->text softmax includes each image's swapped caption, so the
     loss is larger than without them whenever the swapped caption scores close to the true one."""
     from vgen.config import from_dict
-    from vgen.train.clip_task import ClipTask
-    from vgen.train.config import TrainConfig
+    from vgen.families.clip import ClipFamily
+    from vgen.families.config import load_train_config, train_config_from_dict
 
     small = {"embed_dim": 16, "patch_size": 8, "vision_width": 16, "vision_layers": 1, "vision_head_width": 8,
              "text_width": 16, "text_layers": 1, "text_heads": 2, "context_length": 12}
     losses = {}
     for hard in (False, True):
-        cfg = from_dict(TrainConfig, {"kind": "clip", "clip": {**small, "hard_negatives": hard}})
+        cfg = train_config_from_dict({"kind": "clip", "clip": {**small, "hard_negatives": hard}})
         torch.manual_seed(0)
-        task = ClipTask(cfg, 16, torch.device("cpu"))
+        task = ClipFamily(cfg, 16, torch.device("cpu"))
         captions = ["a cat above a dog", "a dog above a cat", "a fish", "a car below a bus"]
         batch = {"images": torch.randn(4, 3, 16, 16), "tokens": task.tokenizer(captions)}
         if hard:
             negatives = [swap_content_words(c, random.Random(i)) for i, c in enumerate(captions)]
             batch["negative_tokens"] = task.tokenizer([n or c for n, c in zip(negatives, captions)])
             batch["negative_valid"] = torch.tensor([n is not None for n in negatives])
-        losses[hard] = task.loss(task.model, batch).item()
+        losses[hard] = task.loss(task.model, batch, 0)[0].item()
     assert losses[True] > losses[False]

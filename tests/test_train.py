@@ -19,8 +19,9 @@ from safetensors.torch import load_file
 
 from tests.train_fixtures import COLOURS, colour_dataset, tiny_text_encoder
 from vgen.config import load_config
-from vgen.train.checkpoint import list_checkpoints
-from vgen.train.config import TrainConfig
+from vgen.checkpoint import list_checkpoints
+from vgen.families.base import SampleSettings
+from vgen.families.config import load_train_config, train_config_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -76,10 +77,11 @@ def final_weights(run_dir: Path, stem: str = "model") -> dict[str, torch.Tensor]
     return load_file(str(list_checkpoints(run_dir)[-1] / f"{stem}.safetensors"))
 
 
+@pytest.mark.slow
 def test_flow_learns_colour_names(assets, tmp_path):
     """A colour name -> a square of that colour: after a short training the EMA samples for each
     prompt have the named colour in the middle and white at the border."""
-    from vgen.train.flow_task import FlowTask
+    from vgen.families.flow import FlowFamily
 
     config = write_config(tmp_path / "c.yaml", [*TINY_FLOW, f"text_encoder.source=local-dir:{assets['text']}",
                                                 "train.steps=400", "train.batch_size=32", "optim.lr=2e-3",
@@ -93,12 +95,12 @@ def test_flow_learns_colour_names(assets, tmp_path):
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses  # the loss falls
     assert (out / "samples" / "step-00000400.png").is_file()
 
-    cfg = load_config(TrainConfig, config)
-    task = FlowTask(cfg, 16, torch.device("cpu"))
+    cfg = load_train_config(config)
+    task = FlowFamily(cfg, 16, torch.device("cpu"))
     task.model.load_state_dict(final_weights(out, "ema"))
     names = list(COLOURS)
-    images = task.sample(task.model, names, list(range(len(names))), steps=20, guidance=3.0,
-                         autocast=lambda: torch.autocast("cpu", enabled=False))
+    images = task.sample(task.model, names, list(range(len(names))), SampleSettings(steps=20, guidance=3.0, sampler="euler"),
+                         lambda: torch.autocast("cpu", enabled=False), "cpu")
     palette = torch.tensor(list(COLOURS.values()), dtype=torch.float32) / 127.5 - 1
     for name, image in zip(names, images):
         centre = image[:, 6:10, 6:10].mean(dim=(1, 2))
@@ -107,6 +109,7 @@ def test_flow_learns_colour_names(assets, tmp_path):
         assert image[:, 0, :].mean() > 0.6  # white border row
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(assets, tmp_path):
     sets = flow_sets(assets, 40, checkpoint_every=5, every=20)
     config = write_config(tmp_path / "c.yaml", sets)
@@ -135,6 +138,7 @@ def test_resume_after_sigkill_is_bit_identical(assets, tmp_path):
     assert len(list_checkpoints(killed)) == 3  # keep_checkpoints
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(assets, tmp_path):
     sets = flow_sets(assets, 12)
     config = write_config(tmp_path / "c.yaml", sets)
@@ -149,6 +153,7 @@ def test_torchrun_two_processes_match_one(assets, tmp_path):
     assert yaml.safe_load((two / "run.yaml").read_text())["environment"]["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_0(assets, tmp_path):
     sets = flow_sets(assets, 100000)
     config = write_config(tmp_path / "c.yaml", sets)
@@ -197,19 +202,19 @@ def test_changed_config_refuses_to_resume(assets, tmp_path, vgen_cli):
 def test_nonfinite_steps_are_skipped_then_stop(assets, tmp_path, monkeypatch):
     from vgen.errors import VgenError
     from vgen.train import loop
-    from vgen.train.flow_task import FlowTask
+    from vgen.families.flow import FlowFamily
 
     calls = {"n": 0}
-    original = FlowTask.loss
+    original = FlowFamily.loss
 
-    def sometimes_nan(self, model, batch):
+    def sometimes_nan(self, model, batch, step):
         calls["n"] += 1
-        loss = original(self, model, batch)
-        return loss * float("nan") if calls["n"] in (3, 4) or calls["n"] > 8 else loss
+        loss, logs = original(self, model, batch, step)
+        return (loss * float("nan") if calls["n"] in (3, 4) or calls["n"] > 8 else loss), logs
 
-    monkeypatch.setattr(FlowTask, "loss", sometimes_nan)
+    monkeypatch.setattr(FlowFamily, "loss", sometimes_nan)
     sets = [*flow_sets(assets, 20, checkpoint_every=5), "train.max_nonfinite=3"]
-    cfg = load_config(TrainConfig, write_config(tmp_path / "c.yaml", sets))
+    cfg = load_train_config(write_config(tmp_path / "c.yaml", sets))
     with pytest.raises(VgenError, match="non-finite"):
         loop.train(cfg, assets["data"], tmp_path / "r")
     state = yaml.safe_load((list_checkpoints(tmp_path / "r")[-1] / "checkpoint.yaml").read_text())
@@ -218,6 +223,7 @@ def test_nonfinite_steps_are_skipped_then_stop(assets, tmp_path, monkeypatch):
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
+@pytest.mark.slow
 def test_clip_run_reloads_through_open_clip(assets, tmp_path):
     import open_clip
 
@@ -247,6 +253,7 @@ def test_clip_run_reloads_through_open_clip(assets, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_gpu_config_builds_and_steps_at_tiny_size(assets, tmp_path):
     """configs/flow-64-gpu.yaml, shrunk: the file parses, builds and takes one step on CPU."""
     out = tmp_path / "gpu"
@@ -261,6 +268,7 @@ def test_gpu_config_builds_and_steps_at_tiny_size(assets, tmp_path):
     assert cfg["train"]["precision"] == "bf16" and cfg["ema"]["decay"] == 0.9999
 
 
+@pytest.mark.slow
 def test_compile_keeps_checkpoint_format_and_numbers(assets, tmp_path):
     """train.compile=true compiles the denoiser in place: same parameter names, nearly same weights."""
     sets = flow_sets(assets, 3)

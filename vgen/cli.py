@@ -184,11 +184,10 @@ def train(
 
     Example: vgen train --config configs/tiny-cpu.yaml --data ds --out runs/tiny --set train.steps=2000
     """
-    from vgen.config import load_config
-    from vgen.train.config import TrainConfig
+    from vgen.families.config import load_train_config
     from vgen.train.loop import train as run_training
 
-    cfg = load_config(TrainConfig, config, overrides or ())
+    cfg = load_train_config(config, overrides or ())
     summary = run_training(cfg, data, out, start_over=start_over)
     if json_output and summary is not None:
         _print_json(summary)
@@ -205,7 +204,7 @@ def generate(
     steps: Annotated[Optional[int], typer.Option(help="Sampler steps \\[default: the run's flow.sample_steps].")] = None,
     guidance: Annotated[Optional[float], typer.Option(parser=finite_float, help="Classifier-free guidance scale; 1 = none \\[default: the run's flow.sample_guidance].")] = None,
     negative: Annotated[str, typer.Option(help="Negative prompt (the unconditioned half of guidance).")] = "",
-    sampler: Annotated[str, typer.Option(help="ODE sampler: euler, or heun (2nd order, 2 network calls a step).")] = "euler",
+    sampler: Annotated[Optional[str], typer.Option(help="ODE sampler (flow): euler, or heun (2nd order, 2 network calls a step) \\[default: euler].")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per network batch (does not change the pixels).")] = 16,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Generation dir to write \\[default: generations/YYYYmmdd-HHMMSS].")] = None,
     grid: Annotated[bool, typer.Option("--grid", help="Also write grid.png: one row per prompt, labelled.")] = False,
@@ -231,8 +230,9 @@ def generate(
     """
     import time
 
-    from vgen.generate import GenerationRequest, load_generator, read_prompt_file
+    from vgen.generate import GenerationRequest, read_prompt_file
     from vgen.generate import generate as run_generate
+    from vgen.runs import load_run
     from vgen.ui import progress_bar, say, warn
 
     texts: list[str] = []
@@ -244,8 +244,8 @@ def generate(
                                 negative_prompt=negative, sampler=sampler, batch_size=batch_size,
                                 init_image=init_image, strength=strength, mask=mask, grid=grid)
     start = time.perf_counter()
-    gen = load_generator(run, checkpoint, device, precision, warn=warn)
-    request = request.resolved(gen.cfg)
+    gen = load_run(run, checkpoint, device, precision, warn=warn)
+    request = request.resolved(gen)
     say(f"loaded {run} (step {gen.step}, model {gen.sha256[:10]}) on {gen.device}, {gen.precision}")
     total = len(request.prompts) * request.n
     with progress_bar("generate", total=total) as advance:
@@ -277,7 +277,7 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="With --run: image i of each set gets seed S + i.")] = 0,
     steps: Annotated[Optional[int], typer.Option(help="With --run: sampler steps \\[default: the run's flow.sample_steps].")] = None,
     guidance: Annotated[Optional[float], typer.Option(parser=finite_float, help="With --run: guidance scale \\[default: the run's flow.sample_guidance].")] = None,
-    sampler: Annotated[str, typer.Option(help="With --run: euler or heun.")] = "euler",
+    sampler: Annotated[Optional[str], typer.Option(help="With --run: euler or heun (flow) \\[default: euler].")] = None,
     batch_size: Annotated[int, typer.Option(help="With --run: images per generation batch (does not change the pixels).")] = 100,
     precision: Annotated[str, typer.Option(help="With --run: the generator's precision, auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16.")] = "auto",
     feature_precision: Annotated[str, typer.Option(help="The Inception network's precision: fp32 (standard FID) | bf16 (~2x faster on CPUs with AMX; its own extractor id).")] = "fp32",

@@ -42,6 +42,13 @@ def bounded(default: Any = _MISSING, *, ge: float | None = None, gt: float | Non
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
+def chosen_by(key: str, registry: dict[str, type], default: str) -> Any:
+    """A dataclass field holding one of several config classes, picked by the value of its `key`
+    (e.g. `network.type: unet` -> the UNet's config); `registry` maps each name to its class."""
+    return dataclasses.field(default_factory=lambda: registry[default](),
+                             metadata={"chosen_by": (key, registry)})
+
+
 def check_bounds(instance: Any) -> None:
     """Check the bounded fields of a config built in Python (from_dict checks them with their key
     paths before construction); call it from __post_init__."""
@@ -197,7 +204,9 @@ def _build(cls: type[T], data: dict, path: str, base: T | None = None) -> T:
             default = f.default_factory()
         else:
             default = f.default
-        if f.name in data:
+        if f.name in data and "chosen_by" in f.metadata:
+            kwargs[f.name] = _choose(f.metadata["chosen_by"], data[f.name], key, default)
+        elif f.name in data:
             kwargs[f.name] = _coerce(hints[f.name], data[f.name], key, default)
             if "bounds" in f.metadata:
                 _check_bounds(key, kwargs[f.name], f.metadata["bounds"])
@@ -209,6 +218,19 @@ def _build(cls: type[T], data: dict, path: str, base: T | None = None) -> T:
         return cls(**kwargs)
     except ValueError as e:  # checks in __post_init__ (combinations of keys) read like type errors
         raise _Invalid(path, f"{path}: {e}" if path else str(e), section=True) from None
+
+
+def _choose(chosen_by: tuple[str, dict[str, type]], value: Any, path: str, default: Any) -> Any:
+    """Build the config class that `value[key]` names (the default's kind when it names none)."""
+    key, registry = chosen_by
+    if not isinstance(value, dict):
+        raise _Invalid(path, f"{path}: expected a mapping, got {_show(value)}")
+    name = value.get(key, getattr(default, key))
+    if not isinstance(name, str) or name not in registry:
+        raise _Invalid(_join(path, key), f"{_join(path, key)}: expected one of {', '.join(map(repr, registry))}, "
+                                         f"got {_show(name)}")
+    cls = registry[name]
+    return _build(cls, {**value, key: name}, path, default if isinstance(default, cls) else None)
 
 
 def parse_override(text: str) -> tuple[str, Any]:

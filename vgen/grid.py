@@ -1,4 +1,4 @@
-"""Contact sheets: images in a grid, optionally with a caption under each row."""
+"""Pixels between model space and uint8, and contact sheets: images in a grid, a caption under each row."""
 
 from __future__ import annotations
 
@@ -6,15 +6,26 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 
+def images_to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1]."""
+    return images.float() / 127.5 - 1.0
+
+
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] float images -> uint8, rounding to nearest."""
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+MIN_CELL = 128  # pixels: a 32 px sample shown at 32 px is unreadable
+
+
 def make_grid(images: torch.Tensor, columns: int, row_labels: list[str] | None = None,
-              scale: int = 2, pad: int = 2) -> Image.Image:
-    """uint8 images [N, 3, H, W] -> one RGB picture, `columns` per row, each label under its row."""
+              min_cell: int = MIN_CELL, pad: int = 2) -> Image.Image:
+    """uint8 images [N, 3, H, W] -> one RGB picture, `columns` per row, each label under its row;
+    small images are enlarged by an integer factor (nearest neighbour: every pixel stays a crisp
+    square) to at least `min_cell` pixels a side."""
     n, _, h, w = images.shape
+    scale = max(1, -(-min_cell // min(h, w)))
     rows = -(-n // columns)
     cell_w, cell_h = w * scale + pad, h * scale + pad
     label_h = 14 if row_labels else 0

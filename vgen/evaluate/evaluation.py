@@ -320,7 +320,7 @@ def memorization_metrics(images: ImageSet, data_dir: Path, options: EvalOptions,
 
 
 def _to_device(extractor, device: str) -> None:
-    from vgen.train.distributed import resolve_device
+    from vgen.distributed import resolve_device
 
     extractor.to(resolve_device(device))
 

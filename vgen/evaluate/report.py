@@ -45,6 +45,14 @@ def _png_uri(pixels: torch.Tensor) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def _sampler_words(model: dict, settings: dict) -> str:
+    """`sampler euler, 20 steps, guidance 3.0`, naming only what the family's sampler takes."""
+    words = [f"sampler {settings['sampler']}"] if settings.get("sampler") is not None else []
+    words += [f"{settings['steps']} steps"] if settings.get("steps") is not None else []
+    words += [f"guidance {settings['guidance']}"] if settings.get("guidance") is not None else []
+    return ", ".join(words) or f"one {model.get('kind', 'network')} call per image"
+
+
 def _e(value: Any) -> str:
     return html.escape(str(value))
 
@@ -294,8 +302,7 @@ def render_report(manifest: dict, sets: dict[str, ImageSet], verdicts: list[dict
     head = (f"<p>Run <code>{_e(manifest.get('run'))}</code>, checkpoint step {_e(manifest.get('checkpoint_step'))}, "
             f"model <code>{_e(str(model.get('sha256', ''))[:16])}</code>; dataset "
             f"<code>{_e(manifest['dataset']['path'])}</code> (sha256 {_e(manifest['dataset']['sha256'][:12])}…); "
-            f"sampler {_e(settings.get('sampler'))}, {_e(settings.get('steps'))} steps, guidance "
-            f"{_e(settings.get('guidance'))}, {_e((manifest.get('generation') or {}).get('precision'))}. "
+            f"{_e(_sampler_words(model, settings))}, {_e((manifest.get('generation') or {}).get('precision'))}. "
             f"Written {_e(manifest.get('created'))} by vgen {_e(manifest.get('vgen_version'))}: "
             f"<code>{_e(manifest.get('command'))}</code></p>")
     parts = ["<!doctype html><html lang=en><head><meta charset=utf-8><title>vgen evaluation</title>",
@@ -350,7 +357,7 @@ def benchmark_grid(images: ImageSet, verdicts: list[dict], columns: int = 8):
             kind = " (held-out pairs)" if held else (" (training pairs)" if relation in es.PAIR_RELATIONS else "")
             shown = list(dict.fromkeys(images.prompts[i] for i in rows[:columns]))  # distinct, in order
             labels.append(f"{relation}{kind}: " + " | ".join(shown))
-    return make_grid(torch.stack(tiles), columns=columns, row_labels=labels, scale=3)
+    return make_grid(torch.stack(tiles), columns=columns, row_labels=labels)
 
 
 def write_report(folder: Path, manifest: dict, sets: dict[str, ImageSet], verdicts: list[dict],

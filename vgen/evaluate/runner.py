@@ -54,9 +54,10 @@ class BenchmarkSettings:
     per_relation: int = 20  # benchmark prompts per relation (training pairs; and held-out pairs)
     per_prompt: int = 2  # seeds per benchmark prompt
     seed: int = 0
-    steps: int | None = None  # default: the run's flow.sample_steps
-    guidance: float | None = None  # default: the run's flow.sample_guidance
-    sampler: str = "euler"
+    # sampler settings; None: the run's default (a family whose sampler does not take one refuses it)
+    steps: int | None = None
+    guidance: float | None = None
+    sampler: str | None = None
     batch_size: int = 100
     precision: str = "auto"  # of the generator: auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16
     checkpoints: str = "all"  # all (every kept checkpoint) | latest | comma-separated steps
@@ -81,7 +82,7 @@ def benchmark_prompts(per_relation: int) -> list[str]:
 
 def _select_checkpoints(run_dir: Path, which: str) -> list[int]:
     """Steps to evaluate, oldest first; the last is the one that gets every metric."""
-    from vgen.train.checkpoint import list_checkpoints, read_checkpoint
+    from vgen.checkpoint import list_checkpoints, read_checkpoint
 
     available = [int(read_checkpoint(p, verify=False)["step"]) for p in list_checkpoints(run_dir)]
     if not available:
@@ -140,7 +141,7 @@ def evaluate_benchmark(run_dir: Path, data_dir: Path, out_dir: Path, options: Ev
 
 def _evaluate_benchmark(run_dir: Path, data_dir: Path, out_dir: Path, options: EvalOptions,
                         settings: BenchmarkSettings, benchmark: str, progress: ProgressFactory, log: Log) -> dict:
-    from vgen.generate import load_generator
+    from vgen.runs import load_run
 
     steps = _select_checkpoints(Path(run_dir), settings.checkpoints)
     start = time.perf_counter()
@@ -150,7 +151,7 @@ def _evaluate_benchmark(run_dir: Path, data_dir: Path, out_dir: Path, options: E
         by_step, sets, generation = [], {}, {}
         for step in steps:
             final = step == steps[-1]
-            gen = load_generator(run_dir, step, options.device, settings.precision,
+            gen = load_run(run_dir, step, options.device, settings.precision,
                                  warn=lambda m: log(m))
             folder = tmp / "images" if final else tmp / "images" / f"step-{step:08d}"
             t0 = time.perf_counter()
@@ -214,7 +215,7 @@ def evaluate_generation_dir(gen_dir: Path, data_dir: Path, out_dir: Path, option
 
 def _evaluate_generation_dir(gen_dir: Path, data_dir: Path, out_dir: Path, options: EvalOptions,
                              progress: ProgressFactory, log: Log) -> dict:
-    from vgen.generate import run_text_encoder_source
+    from vgen.runs import run_text_encoder_source
 
     start = time.perf_counter()
     images = read_generation_dir(gen_dir)

@@ -1,10 +1,11 @@
-"""The training loop shared by every kind of model.
+"""The training loop shared by every family of models.
 
-A *task* (FlowTask, ClipTask) owns what differs between kinds: the model, how a batch is made from
-global sample indices, the loss, validation, sample grids and the export. Everything else lives
-here once: AdamW with warm-up + cosine, gradient clipping, EMA, bf16 autocast, optional
-torch.compile, DDP, checkpoints with automatic resume, signals, non-finite losses, metrics.jsonl,
-run.yaml and the progress display.
+A *family* (vgen.families: flow, gan, clip) owns what differs between kinds: the modules, the
+ordered optimisation phases and their losses, how a batch is made from global sample indices,
+validation, sample grids and the export. Everything else lives here once: an AdamW with warm-up +
+cosine per phase, gradient clipping, EMA of the module the family names, bf16 autocast, optional
+torch.compile, DDP, checkpoints of every module and optimizer with automatic resume, signals,
+non-finite losses, metrics.jsonl, run.yaml and the progress display.
 
 Progress is counted in optimizer steps of one global batch; `images_seen = step * batch_size`.
 Sample `g` of the run (a global index) is drawn, noised and captioned only from (seed, g), so a
@@ -27,17 +28,18 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from vgen.config import to_dict
+from vgen.families import build_family
+from vgen.families.config import recorded_train_config
 from vgen.data.dataset import (ImageCaptionDataset, dataset_content_sha256, dataset_sha256, load_dataset_manifest,
                                verify_dataset)
 from vgen.errors import ConfigError, IntegrityError, ManifestError, UsageError, VgenError
 from vgen.manifest import read_manifest, sha256_file, write_manifest
 from vgen.outputs import OutputLock, check_not_an_input, check_output_dir
-from vgen.train import checkpoint as ckpt
-from vgen.train.config import TrainConfig
-from vgen.train.distributed import Distributed, all_reduce, barrier, init_distributed, shutdown
+from vgen import checkpoint as ckpt
+from vgen.distributed import Distributed, all_reduce, barrier, init_distributed, shutdown
 from vgen.train.ema import ema_decay, make_ema, update_ema
 from vgen.train.precision import autocast_factory, choose_precision, enable_tf32
-from vgen.train.randomness import SampleOrder
+from vgen.randomness import SampleOrder
 from vgen.train.schedule import learning_rate
 from vgen.ui import console, say, warn
 
@@ -46,16 +48,6 @@ METRICS_FILE = "metrics.jsonl"
 # Settings that may change between a run and its resumption without changing what is trained.
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.sample_every", "train.val_every", "train.val_images", "train.compile"}
-
-
-def build_task(cfg: TrainConfig, resolution: int, device: torch.device):
-    if cfg.kind == "flow":
-        from vgen.train.flow_task import FlowTask
-
-        return FlowTask(cfg, resolution, device)
-    from vgen.train.clip_task import ClipTask
-
-    return ClipTask(cfg, resolution, device)
 
 
 def _cpp_compiler() -> str | None:
@@ -74,11 +66,17 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def _check_same_run(run_dir: Path, resolved: dict, data_dir: Path) -> None:
     """Refuse to resume a run dir with a different config or dataset: the result would be neither
-    run. A dataset may move, or be rebuilt from the same files: the same content is the same data."""
+    run. A dataset may move, or be rebuilt from the same files: the same content is the same data.
+    The recorded config is read back through the schema first, so a key that a later vgen added
+    (with its default) is no change."""
     previous = read_manifest(run_dir / RUN_MANIFEST, "run", required=("config",))
     if not isinstance(previous["config"], dict) or not isinstance(previous.get("dataset") or {}, dict):
         raise ManifestError(f"{run_dir / RUN_MANIFEST}: `config` and `dataset` must be mappings")
-    old, new = _flatten(previous["config"]), _flatten(resolved)
+    recorded = previous["config"]
+    if recorded.get("kind", "flow") == resolved["kind"]:
+        with contextlib.suppress(VgenError):  # a config this vgen cannot read is compared as it is
+            recorded = to_dict(recorded_train_config(recorded, str(run_dir / RUN_MANIFEST)))
+    old, new = _flatten(recorded), _flatten(resolved)
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
     if changed:
         details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
@@ -121,11 +119,35 @@ def _check_checkpoints(run_dir: Path, start_over: bool) -> None:
                              "not deleted)")
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def _param_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
     """No weight decay on biases, norms and embeddings (1-D tensors), as in GPT-2/nanoGPT."""
-    params = [p for p in model.parameters() if p.requires_grad]
     return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+class _PhaseState:
+    """A phase with what the loop keeps for it: its parameters, AdamW, DDP wrapper and log window."""
+
+    def __init__(self, phase, single: bool):
+        self.phase, self.name = phase, phase.name
+        self.params = [p for p in phase.module.parameters() if p.requires_grad]
+        if not self.params:
+            raise VgenError(f"phase {phase.name!r} has no trainable parameters")
+        optim = phase.optim
+        # The fused kernel: one pass over all parameters (on CPU 4x faster than the per-tensor loop).
+        self.optimizer = torch.optim.AdamW(_param_groups(self.params, optim.weight_decay), lr=optim.lr,
+                                           betas=tuple(optim.betas), eps=optim.eps, fused=True)
+        self.trained = phase.module
+        # A family of one phase reports `loss` and `grad_norm`; of several, `loss_<phase>`, ...
+        self.suffix = "" if single else f"_{phase.name}"
+        self.reset_window()
+
+    def reset_window(self) -> None:
+        self.loss_sum, self.steps, self.logs = 0.0, 0, {}
+
+    def set_trainable(self, on: bool) -> None:
+        for p in self.params:
+            p.requires_grad_(on)
 
 
 class _StopRequest:
@@ -244,12 +266,13 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, dist: Distributed, s
     enable_tf32(device)
 
     torch.manual_seed(loop.seed)  # the initial weights; DDP broadcasts rank 0's anyway
-    task = build_task(cfg, train_set.resolution, device)
-    model = task.model
-    ema = make_ema(model, share=task.shared_modules())
-    # The fused kernel: one pass over all parameters (on CPU 4x faster than the per-tensor loop).
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=True)
+    family = build_family(cfg, train_set.resolution, device)
+    model = family.model
+    ema_target = family.ema_target()
+    ema = make_ema(ema_target, share=family.shared_modules())
+    phases = family.phases()
+    states = [_PhaseState(phase, single=len(phases) == 1) for phase in phases]
+    optimizers = {state.name: state.optimizer for state in states}
 
     start_step, nonfinite, precision, precision_reason = 0, 0, None, None
     found = ckpt.latest_checkpoint(run_dir, warn=warn)
@@ -257,13 +280,14 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, dist: Distributed, s
         path, state = found
         model.load_state_dict(ckpt.load_tensors(path, "model", device))
         ema.load_state_dict(ckpt.load_tensors(path, "ema", device))
-        ckpt.load_optimizer_tensors(optimizer, ckpt.load_tensors(path, "optimizer", device), state["optimizer_groups"])
+        ckpt.load_optimizer_tensors(optimizers, ckpt.load_tensors(path, "optimizer", device), state["optimizer_groups"],
+                                    where=str(path / "checkpoint.yaml"))
         start_step, nonfinite, precision = state["step"], state["nonfinite"], state["precision"]
         precision_reason = "the precision of the checkpoint resumed"
         if dist.is_main:
             say(f"resuming from {path} (step {start_step}, {state['images_seen']:,} images seen)")
     if precision is None:
-        precision, precision_reason = choose_precision(loop.precision, device, cfg.flow.network.width)
+        precision, precision_reason = choose_precision(loop.precision, device, family.matmul_width)
         # Every process must train in the same precision: bf16 only if all of them support it.
         bf16_everywhere = all_reduce(torch.tensor(float(precision != "bf16")), "max").item() == 0
         if precision == "bf16" and not bf16_everywhere:
@@ -275,11 +299,11 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, dist: Distributed, s
             console.print("[yellow]train.compile: torch.compile needs a C++ compiler on CPU and none was found "
                           "(install g++, or set CXX); training without it[/]")
         else:
-            task.compile()  # in place: parameter names (and so checkpoints) do not change
-    wrapped = model
+            family.compile()  # in place: parameter names (and so checkpoints) do not change
     if dist.enabled:
-        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+        for state in states:
+            state.trained = DistributedDataParallel(state.phase.module,
+                                                    device_ids=[device.index] if device.type == "cuda" else None)
     order = SampleOrder(loop.seed, len(train_set))
 
     def manifest(status: str, step: int, export: dict | None = None, error: str | None = None) -> None:
@@ -308,7 +332,7 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, dist: Distributed, s
 
     def save(step: int) -> None:
         if dist.is_main:
-            tensors, groups = ckpt.optimizer_tensors(optimizer)
+            tensors, groups = ckpt.optimizer_tensors(optimizers)
             state = {"images_seen": step * loop.batch_size, "nonfinite": nonfinite, "precision": precision,
                      "optimizer_groups": groups}
             ckpt.save_checkpoint(run_dir, step, {"model": model.state_dict(), "ema": ema.state_dict(),
@@ -322,32 +346,49 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, dist: Distributed, s
         metrics = _Metrics(run_dir / METRICS_FILE, start_step) if dist.is_main else None
         if dist.is_main:
             (run_dir / "samples").mkdir(exist_ok=True)
-            n_params = sum(p.numel() for p in trainable)
+            n_params = sum(p.numel() for state in states for p in state.params)
             console.print(f"training {cfg.kind}: {n_params / 1e6:.2f}M trainable parameters, {len(train_set):,} "
                           f"images, batch {loop.batch_size} on {dist.world_size} x {device}, {precision} "
                           f"({precision_reason})", highlight=False)
         if loop.steps == 0 and found is None:
             save(0)  # train.steps=0: the initialised network (EMA = weights), e.g. the baseline of an evaluation
-        window_start, window_images, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
+        window_start, window_images = time.perf_counter(), 0
         with _StopRequest() as stop, _progress(dist.is_main, start_step, loop.steps) as progress:
             while step < loop.steps:
-                lr = learning_rate(step, loop.steps, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
                 first = step * loop.batch_size + dist.rank * local_batch
-                batch = task.make_batch(train_set, order, step, list(range(first, first + local_batch)))
-                with autocast():
-                    loss = task.loss(wrapped, batch)
-                finite = bool(all_reduce(torch.isfinite(loss.detach()).logical_not().float(), "max").item() == 0)
-                grad_norm = torch.tensor(float("nan"))
-                if finite:
-                    loss.backward()
-                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
-                    finite = bool(torch.isfinite(grad_norm))
-                if finite:
-                    window_loss, window_steps = window_loss + loss.detach().float(), window_steps + 1
-                    optimizer.step()
-                    update_ema(ema, model, ema_decay(step, cfg.ema.decay, cfg.ema.warmup))
+                batch = family.make_batch(train_set, order, step, list(range(first, first + local_batch)))
+                skipped, grad_norms = False, {}
+                for state in states:
+                    optim = state.phase.optim
+                    lr = learning_rate(step, loop.steps, optim.lr, optim.warmup_steps, optim.min_lr_ratio)
+                    for group in state.optimizer.param_groups:
+                        group["lr"] = lr
+                    if len(states) > 1:  # only this phase's parameters collect gradients
+                        for other in states:
+                            other.set_trainable(other is state)
+                    with autocast():
+                        loss, logs = state.phase.loss(state.trained, batch, step)
+                    finite = bool(all_reduce(torch.isfinite(loss.detach()).logical_not().float(), "max").item() == 0)
+                    grad_norm = torch.tensor(float("nan"))
+                    if finite:
+                        loss.backward()
+                        grad_norm = torch.nn.utils.clip_grad_norm_(state.params, optim.grad_clip)
+                        finite = bool(torch.isfinite(grad_norm))
+                    if finite:
+                        state.loss_sum, state.steps = state.loss_sum + loss.detach().float(), state.steps + 1
+                        for key, value in logs.items():  # a scalar is averaged over the steps that logged it
+                            total, count = state.logs.get(key, (0.0, 0))
+                            state.logs[key] = (total + value.detach().float(), count + 1)
+                        state.optimizer.step()
+                    else:
+                        skipped = True
+                    state.optimizer.zero_grad(set_to_none=True)
+                    grad_norms[f"grad_norm{state.suffix}"] = float(grad_norm)
+                if len(states) > 1:
+                    for state in states:
+                        state.set_trainable(True)
+                if not skipped:
+                    update_ema(ema, ema_target, ema_decay(step, cfg.ema.decay, cfg.ema.warmup))
                 else:
                     nonfinite += 1
                     if dist.is_main:
@@ -357,27 +398,36 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, dist: Distributed, s
                         raise VgenError(f"{nonfinite} steps had a non-finite loss or gradient (limit train.max_nonfinite="
                                         f"{loop.max_nonfinite}); lower optim.lr or check the data. The last good "
                                         f"checkpoint is in {run_dir / ckpt.CHECKPOINT_DIR}")
-                optimizer.zero_grad(set_to_none=True)
                 step += 1
                 window_images += loop.batch_size
 
                 if step % loop.log_every == 0 or step == loop.steps:
-                    mean_loss = all_reduce(torch.as_tensor(window_loss / max(1, window_steps)), "mean").item()
+                    row = {}
+                    for state in states:
+                        n = max(1, state.steps)
+                        row[f"loss{state.suffix}"] = all_reduce(torch.as_tensor(state.loss_sum / n), "mean").item()
+                        for key, (total, count) in state.logs.items():
+                            row[key] = all_reduce(torch.as_tensor(total / count), "mean").item()
+                        state.reset_window()
                     elapsed = time.perf_counter() - window_start
                     rate = window_images / elapsed if elapsed > 0 else 0.0
                     if dist.is_main:
-                        last["train"] = {"step": step, "images_seen": step * loop.batch_size, "loss": mean_loss,
-                                         "lr": lr, "grad_norm": float(grad_norm), "images_per_s": rate,
-                                         "nonfinite_skipped": nonfinite, "time": time.time()}
+                        last["train"] = {"step": step, "images_seen": step * loop.batch_size,
+                                         **{k: v for k, v in row.items() if k.startswith("loss")},
+                                         **{f"lr{s.suffix}": learning_rate(step - 1, loop.steps, s.phase.optim.lr,
+                                                                           s.phase.optim.warmup_steps,
+                                                                           s.phase.optim.min_lr_ratio) for s in states},
+                                         **grad_norms, **{k: v for k, v in row.items() if not k.startswith("loss")},
+                                         "images_per_s": rate, "nonfinite_skipped": nonfinite, "time": time.time()}
                         metrics.write(last["train"])
-                        progress(step, mean_loss, rate)
-                    window_start, window_images, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
+                        progress(step, row, rate)
+                    window_start, window_images = time.perf_counter(), 0
                 if dist.is_main and (step % loop.val_every == 0 or step == loop.steps):
                     last["validation"] = {"step": step, "images_seen": step * loop.batch_size,
-                                          **task.validate(model, ema, val_set, loop.val_images, autocast)}
+                                          **family.validate(model, ema, val_set, loop.val_images, autocast)}
                     metrics.write(last["validation"])
                 if dist.is_main and (step % loop.sample_every == 0 or step == loop.steps):
-                    task.write_samples(ema, run_dir / "samples" / f"step-{step:08d}.png", autocast)
+                    family.write_samples(ema, run_dir / "samples" / f"step-{step:08d}.png", autocast)
                 stop_now = bool(all_reduce(torch.tensor(float(stop.requested)), "max").item())
                 if step % loop.checkpoint_every == 0 or step == loop.steps or stop_now:
                     save(step)
@@ -386,7 +436,7 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, dist: Distributed, s
 
         done = step >= loop.steps
         if dist.is_main and done:
-            export = task.export(run_dir, ema)
+            export = family.export(run_dir, ema)
     except BaseException as e:
         # run.yaml must not go on saying `running`: it says how the run ended and why (when the disk
         # takes this write; on a full disk it may not, and the error then says so itself).
@@ -408,10 +458,15 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, dist: Distributed, s
 
 
 class _progress:
-    """Rich live progress in steps with loss and images/s (main process only)."""
+    """Rich live progress in steps with the losses (and a family's other logged scalars) and
+    images/s (main process only)."""
 
     def __init__(self, enabled: bool, start: int, total: int):
         self.enabled, self.start, self.total = enabled, start, total
+
+    @staticmethod
+    def _scalars(row: dict) -> str:
+        return "  ".join(f"{key} {value:.4f}" for key, value in row.items())
 
     def __enter__(self):
         if not self.enabled:
@@ -419,19 +474,19 @@ class _progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:,.0f} img/s"),
+                            TextColumn("{task.fields[scalars]}  {task.fields[rate]:,.0f} img/s"),
                             TextColumn("eta"), TimeRemainingColumn(), console=console)
         if not console.is_terminal:  # a log file: a plain line every 30 s instead of a live bar
             last = [0.0]
 
-            def log_line(step, loss, rate):
+            def log_line(step, row, rate):
                 if time.monotonic() - last[0] >= 30 or step == self.total:
                     last[0] = time.monotonic()
-                    console.print(f"step {step}/{self.total}  loss {loss:.4f}  {rate:,.0f} img/s", highlight=False)
+                    console.print(f"step {step}/{self.total}  {self._scalars(row)}  {rate:,.0f} img/s", highlight=False)
             return log_line
         self.bar.__enter__()
-        task = self.bar.add_task("train", total=self.total, completed=self.start, loss=float("nan"), rate=0.0)
-        return lambda step, loss, rate: self.bar.update(task, completed=step, loss=loss, rate=rate)
+        task = self.bar.add_task("train", total=self.total, completed=self.start, scalars="", rate=0.0)
+        return lambda step, row, rate: self.bar.update(task, completed=step, scalars=self._scalars(row), rate=rate)
 
     def __exit__(self, *exc):
         if self.enabled and console.is_terminal:

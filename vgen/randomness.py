@@ -40,6 +40,12 @@ def generator(*parts: int, device: str | torch.device = "cpu") -> torch.Generato
     return g
 
 
+def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """[N, *shape] standard normal noise, row i from a generator seeded by seeds[i] alone (on the
+    CPU, so the same seed gives the same noise on every device, whatever the batch)."""
+    return torch.stack([torch.randn(shape, generator=generator(seed)) for seed in seeds])
+
+
 class SampleOrder:
     """Global sample index -> dataset index: a fresh permutation of the dataset each epoch."""
 

@@ -3,9 +3,10 @@
     RUN/checkpoints/step-00001000/
         model.safetensors       trained weights
         ema.safetensors         EMA weights (what generation uses)
-        optimizer.safetensors   AdamW moments and step counts, keyed "state.<param index>.<name>"
-        checkpoint.yaml         step, images seen, counters, hyper-parameters of the optimizer groups,
-                                sha256 of the three files
+        optimizer.safetensors   the AdamW moments and step counts of every phase's optimizer, keyed
+                                "<phase>.state.<param index>.<name>"
+        checkpoint.yaml         step, images seen, counters, hyper-parameters of each optimizer's
+                                groups (`optimizer_groups: {phase: [...]}`), sha256 of the three files
 
 A checkpoint directory is built under a temporary name and renamed, so a crash (even SIGKILL)
 never leaves a half-written checkpoint that looks valid; on resume, the newest checkpoint whose
@@ -33,26 +34,44 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Split an optimizer state dict into flat tensors (safetensors) and plain group settings (YAML)."""
-    state = optimizer.state_dict()
-    tensors = {}
-    for index, entries in state["state"].items():
-        for name, value in entries.items():
-            tensors[f"state.{index}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state["param_groups"]]
+def optimizer_tensors(optimizers: dict[str, torch.optim.Optimizer]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split the optimizers' state dicts into flat tensors (safetensors) and plain group settings
+    (YAML), each under its phase's name."""
+    tensors, groups = {}, {}
+    for phase, optimizer in optimizers.items():
+        state = optimizer.state_dict()
+        for index, entries in state["state"].items():
+            for name, value in entries.items():
+                tensors[f"{phase}.state.{index}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+        groups[phase] = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+                         for g in state["param_groups"]]
     return tensors, groups
 
 
-def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]):
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        _, index, name = key.split(".", 2)
-        state.setdefault(int(index), {})[name] = value
-    for group in groups:
-        if "betas" in group:
-            group["betas"] = tuple(group["betas"])
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+def load_optimizer_tensors(optimizers: dict[str, torch.optim.Optimizer], tensors: dict[str, torch.Tensor],
+                           groups: dict | list, where: str = "checkpoint") -> None:
+    """Restore each phase's optimizer. A checkpoint of vgen before phases (one optimizer, keys
+    without a phase, `optimizer_groups` a list) restores a family of one phase."""
+    if isinstance(groups, list):
+        if len(optimizers) != 1:
+            raise ManifestError(f"{where}: holds one optimizer, but this family has {len(optimizers)} phases")
+        (phase,) = optimizers
+        groups, tensors = {phase: groups}, {f"{phase}.{k}": v for k, v in tensors.items()}
+    if not isinstance(groups, dict) or set(groups) != set(optimizers):
+        raise ManifestError(f"{where}: holds optimizers for phases {sorted(groups) if isinstance(groups, dict) else groups}, "
+                            f"expected {sorted(optimizers)}")
+    for phase, optimizer in optimizers.items():
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        prefix = f"{phase}.state."
+        for key, value in tensors.items():
+            if key.startswith(prefix):
+                index, name = key[len(prefix):].split(".", 1)
+                state.setdefault(int(index), {})[name] = value
+        phase_groups = [dict(g) for g in groups[phase]]
+        for group in phase_groups:
+            if "betas" in group:
+                group["betas"] = tuple(group["betas"])
+        optimizer.load_state_dict({"state": state, "param_groups": phase_groups})
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

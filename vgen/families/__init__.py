@@ -1,0 +1,29 @@
+"""The families of models vgen trains, samples and evaluates (see base.py for the seam).
+
+A new family is one file here and one line in FAMILIES ("module:Class", imported when first used,
+so `vgen --help` loads no model code).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from vgen.errors import ConfigError
+
+FAMILIES = {
+    "flow": "vgen.families.flow:FlowFamily",  # rectified flow (text-to-image)
+    "gan": "vgen.families.gan:GanFamily",  # a text-conditioned GAN, one-step generation
+    "clip": "vgen.families.clip:ClipFamily",  # contrastive image-text training (a text encoder)
+}
+
+
+def family_class(kind: str) -> type:
+    if kind not in FAMILIES:
+        raise ConfigError(f"kind: expected one of {', '.join(map(repr, FAMILIES))}, got {kind!r}")
+    module, _, name = FAMILIES[kind].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def build_family(cfg, resolution: int, device):
+    """The family of `cfg.kind`, its modules built on `device` (from the current torch seed)."""
+    return family_class(cfg.kind)(cfg, resolution, device)

@@ -1,0 +1,125 @@
+"""A run's configuration: the sections every family shares, plus the family's own section.
+
+    kind: flow              which family (vgen.families.FAMILIES)
+    text_encoder: ...       the text tower the generator is conditioned on (families that use one)
+    flow: ...               the family's own section (its `section` and `Config`)
+    optim: / ema: / train:  the optimiser, the weight average and the loop, shared by all
+
+The schema of a run is built from its family, so a config names only what its family reads and a
+new family brings its section with it (no edit here). Read from YAML with `--set a.b=c` overrides
+(vgen.config). See configs/*.yaml for annotated examples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from vgen.config import apply_overrides, bounded, check_bounds, from_dict
+from vgen.errors import ConfigError
+from vgen.manifest import read_yaml
+from vgen.text.sources import TextEncoderConfig
+
+DEFAULT_KIND = "flow"
+# Sections that runs of vgen before the family seam recorded for every kind (one schema held them
+# all); a recorded config may carry them, and they are dropped when it is read back.
+LEGACY_SECTIONS = ("flow", "clip", "text_encoder")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = bounded(3e-4, gt=0)
+    betas: tuple[float, float] = bounded((0.9, 0.99), ge=0, lt=1)
+    weight_decay: float = bounded(0.0, ge=0)
+    eps: float = bounded(1e-8, gt=0)
+    warmup_steps: int = bounded(100, ge=0)
+    min_lr_ratio: float = bounded(0.1, ge=0, le=1)
+    grad_clip: float = bounded(1.0, gt=0)
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
+
+@dataclass
+class EmaConfig:
+    decay: float = bounded(0.999, ge=0, lt=1)
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
+
+@dataclass
+class LoopConfig:
+    steps: int = bounded(1000, ge=0)  # 0: the untrained network as checkpoint 0, a baseline for `vgen evaluate`
+    batch_size: int = bounded(64, ge=1)  # the global batch, split evenly across torchrun processes
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    # auto: bf16 on CUDA when supported, and on CPUs with AMX or AVX512-BF16 (vgen.train.precision)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False
+    log_every: int = bounded(10, ge=1)
+    checkpoint_every: int = bounded(500, ge=1)
+    keep_checkpoints: int = bounded(3, ge=0)  # 0: keep every checkpoint
+    sample_every: int = bounded(1000, ge=1)
+    val_every: int = bounded(500, ge=1)
+    val_images: int = bounded(256, ge=0)
+    max_nonfinite: int = bounded(20, ge=0)  # skipped steps with a non-finite loss before the run stops
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
+
+@functools.cache
+def config_class(kind: str) -> type:
+    """The dataclass of a `kind` run's config: kind, [text_encoder], [the family's section], optim,
+    ema, train (in that order, which is the order run.yaml records them in)."""
+    from vgen.families import family_class
+
+    family = family_class(kind)
+    fields: list[tuple[str, Any, Any]] = [("kind", str, field(default=kind))]
+    if family.uses_text_encoder:
+        fields.append(("text_encoder", TextEncoderConfig, field(default_factory=TextEncoderConfig)))
+    if family.section:
+        fields.append((family.section, family.Config, field(default_factory=family.Config)))
+    fields += [("optim", OptimConfig, field(default_factory=OptimConfig)),
+               ("ema", EmaConfig, field(default_factory=EmaConfig)),
+               ("train", LoopConfig, field(default_factory=LoopConfig))]
+    return dataclasses.make_dataclass(f"{family.__name__.removesuffix('Family')}TrainConfig", fields)
+
+
+def _kind(data: dict, source: str, overrides: Sequence[str]) -> str:
+    from vgen.families import FAMILIES
+
+    kind = data.get("kind", DEFAULT_KIND)
+    if kind not in FAMILIES:
+        blamed = next((f"--set {o}" for o in reversed(overrides) if o.partition("=")[0].strip() == "kind"), source)
+        raise ConfigError(f"{blamed}: kind: expected one of {', '.join(map(repr, FAMILIES))}, got {kind!r}")
+    return kind
+
+
+def train_config_from_dict(data: dict, *, source: str = "<config>", overrides: Sequence[str] = ()):
+    """Build and check the config of a run of `data["kind"]` (default flow)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    kind = _kind(apply_overrides(data, overrides, source=source), source, overrides)
+    return from_dict(config_class(kind), data, source=source, overrides=overrides)
+
+
+def load_train_config(path: str | Path, overrides: Sequence[str] = ()):
+    """Read a training config file, apply `--set` overrides and build the checked config."""
+    data = read_yaml(path, "config file", ConfigError)
+    return train_config_from_dict({} if data is None else data, source=str(Path(path)), overrides=overrides)
+
+
+def recorded_train_config(data: dict, source: str):
+    """The config a run recorded in its run.yaml, read back (sections that older vgen recorded for
+    every family, and this family has no use for, are dropped)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: `config` must be a mapping")
+    names = {f.name for f in dataclasses.fields(config_class(_kind(data, source, ())))}
+    return train_config_from_dict({k: v for k, v in data.items() if k in names or k not in LEGACY_SECTIONS},
+                                  source=source)

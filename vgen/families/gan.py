@@ -1,0 +1,269 @@
+"""Kind `gan`: a text-conditioned GAN (vgen.models.gan), one network call per image.
+
+Two phases per step, in this order, as in StyleGAN2 (Karras et al. 2020, arXiv:1912.04958):
+  d: the discriminator learns real (image, its caption) -> real, (G(z, caption), caption) -> fake,
+     and, matching-aware (Reed et al. 2016; GigaGAN, Kang et al. 2023), (real image, another
+     image's caption) -> fake, so it must read the caption; every `r1_every` steps the lazy R1
+     penalty (gamma/2) |grad_x D(x)|^2 on the reals (Mescheder et al. 2018, arXiv:1801.04406),
+     scaled by `r1_every` (StyleGAN2, sec. B).
+  g: the generator learns to make D call its images real for their captions.
+Non-saturating logistic loss (Goodfellow et al. 2014) or hinge (Lim & Ye 2017; Miyato et al. 2018).
+Every image D sees, real or fake, is first augmented by DiffAugment (Zhao et al. 2020,
+arXiv:2006.10738): translation, cutout and colour, differentiable so G learns through it. Every
+random choice (z, the wrong caption, the augmentation parameters) comes from (seed, sample index).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vgen.atomic import atomic_path
+from vgen.config import bounded, check_bounds
+from vgen.errors import ConfigError
+from vgen.families.base import DEFAULT_SAMPLE_PROMPTS, Family, Phase, SampleSettings
+from vgen.families.config import OptimConfig
+from vgen.grid import images_to_float, make_grid, to_uint8
+from vgen.models.conditioned import TextConditioned
+from vgen.models.gan import Discriminator, DiscriminatorConfig, Generator, GeneratorConfig
+from vgen.randomness import STREAM_CAPTION, STREAM_SAMPLE, STREAM_VALIDATION, generator, initial_noise, mix_seed
+
+AUGMENTS = ("translation", "cutout", "color")
+# The views of one sample that D sees, each augmented with its own parameters.
+VIEW_REAL, VIEW_FAKE_D, VIEW_FAKE_G, VIEW_WRONG = range(4)
+STREAM_WRONG_CAPTION = 101  # vgen.randomness streams 1-4 are the loop's; a family's own start here
+
+
+def _gan_d_optim() -> OptimConfig:
+    return OptimConfig(lr=2e-3, betas=(0.0, 0.99), warmup_steps=0)
+
+
+@dataclass
+class GanConfig:
+    image_size: int = bounded(32, ge=4)
+    channels: int = bounded(3, ge=1)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    loss: Literal["ns", "hinge"] = "ns"  # non-saturating logistic | hinge
+    mismatch_weight: float = bounded(1.0, ge=0)  # weight of (real image, wrong caption) -> fake; 0: off
+    r1_gamma: float = bounded(0.1, ge=0)  # 0: no R1
+    r1_every: int = bounded(16, ge=1)  # lazy regularisation: R1 on every k-th step, scaled by k
+    augment: list[str] = field(default_factory=lambda: list(AUGMENTS))  # DiffAugment policy ([]: none)
+    d_optim: OptimConfig = field(default_factory=_gan_d_optim)  # the discriminator's AdamW (G's: `optim`)
+    sample_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_SAMPLE_PROMPTS))
+    sample_seeds: int = bounded(4, ge=1)
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+        unknown = [a for a in self.augment if a not in AUGMENTS]
+        if unknown:
+            raise ValueError(f"augment: unknown {', '.join(unknown)}; expected some of {', '.join(AUGMENTS)}")
+
+
+def diff_augment(x: torch.Tensor, params: torch.Tensor, policy: list[str]) -> torch.Tensor:
+    """DiffAugment of images x [B, C, H, W] in [-1, 1] with per-sample uniforms `params` [B, 7]
+    (brightness, saturation, contrast, translate y, x, cutout centre y, x), all differentiable in x."""
+    B, _, H, W = x.shape
+    u = params.to(x.device, x.dtype)
+    if "color" in policy:
+        x = x + (u[:, 0] - 0.5).view(B, 1, 1, 1)  # brightness in [-0.5, 0.5]
+        mean = x.mean(dim=1, keepdim=True)
+        x = (x - mean) * (2 * u[:, 1]).view(B, 1, 1, 1) + mean  # saturation in [0, 2]
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * (u[:, 2] + 0.5).view(B, 1, 1, 1) + mean  # contrast in [0.5, 1.5]
+    if "translation" in policy:  # shift by up to 1/8 of the size, zero-padded
+        pad_y, pad_x = H // 8, W // 8
+        dy = (u[:, 3] * (2 * pad_y + 1)).long().clamp(max=2 * pad_y) - pad_y
+        dx = (u[:, 4] * (2 * pad_x + 1)).long().clamp(max=2 * pad_x) - pad_x
+        padded = F.pad(x, (pad_x, pad_x, pad_y, pad_y))
+        rows = (torch.arange(H, device=x.device)[None] + pad_y - dy[:, None])  # [B, H]
+        cols = (torch.arange(W, device=x.device)[None] + pad_x - dx[:, None])  # [B, W]
+        batch = torch.arange(B, device=x.device)[:, None, None]
+        x = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    if "cutout" in policy:  # zero a square of half the size
+        cy = (u[:, 5] * (H + H % 2)).long()
+        cx = (u[:, 6] * (W + W % 2)).long()
+        ys = torch.arange(H, device=x.device)[None, :, None]
+        xs = torch.arange(W, device=x.device)[None, None, :]
+        inside = ((ys - cy.view(B, 1, 1)).abs() < H // 4) & ((xs - cx.view(B, 1, 1)).abs() < W // 4)
+        x = x * (~inside).unsqueeze(1).to(x.dtype)
+    return x
+
+
+class GanGenerator(TextConditioned):
+    """The generator with its text encoder: `forward(z, captions)`; what the EMA averages."""
+
+    def __init__(self, network: Generator, text_encoder: nn.Module):
+        super().__init__()
+        self.generator = network
+        self.hold_text_encoder(text_encoder)
+
+    def forward(self, z: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        return self.generator(z, self.encode_text(captions))
+
+
+class GanModel(nn.Module):
+    """The root of a GAN run's modules: `g` (a GanGenerator) and `d` (the discriminator)."""
+
+    def __init__(self, g: GanGenerator, d: Discriminator):
+        super().__init__()
+        self.g, self.d = g, d
+
+
+class GanFamily(Family):
+    kind = "gan"
+    section = "gan"
+    Config = GanConfig
+    supports = frozenset()  # one network call from (z, caption): no steps, sampler, guidance or editing
+
+    def __init__(self, cfg, resolution: int, device: torch.device):
+        from vgen.text.encoder import load_text_encoder
+
+        super().__init__(cfg, resolution, device)
+        gan = cfg.gan
+        if resolution is not None and gan.image_size != resolution:
+            raise ConfigError(f"gan.image_size is {gan.image_size} but the dataset is {resolution} px; "
+                              f"set --set gan.image_size={resolution}")
+        encoder = load_text_encoder(cfg.text_encoder).to(device)
+        try:
+            g = Generator(gan.generator, gan.image_size, gan.channels, encoder.width, encoder.embed_dim)
+        except ValueError as e:
+            raise ConfigError(f"gan: {e}") from None
+        d = Discriminator(gan.discriminator, gan.image_size, gan.channels, encoder.width, encoder.embed_dim)
+        self.model = GanModel(GanGenerator(g, encoder), d).to(device)
+
+    def ema_target(self) -> nn.Module:
+        return self.model.g
+
+    def compile(self) -> None:
+        """The generator only: the R1 penalty differentiates D twice, which torch.compile cannot."""
+        self.model.g.generator.compile()
+
+    def phases(self) -> list[Phase]:
+        return [Phase("d", self.model.d, self.d_loss, self.cfg.gan.d_optim),
+                Phase("g", self.model.g, self.g_loss, self.cfg.optim)]
+
+    # --- batches ---
+    def _wrong_caption(self, dataset, index: int, caption: str, rng: random.Random) -> str:
+        """Another image's caption that differs from this one's (emoji captions repeat), or ''."""
+        for _ in range(8):
+            j = rng.randrange(len(dataset))
+            if j != index and dataset.captions[j]:
+                other = dataset.captions[j][rng.randrange(len(dataset.captions[j]))]
+                if other != caption:
+                    return other
+        return ""
+
+    def make_batch(self, dataset, order, step: int, indices: list[int]) -> dict:
+        seed, gan = self.cfg.train.seed, self.cfg.gan
+        images, captions, wrong, z, augment = [], [], [], [], []
+        for g in indices:
+            index = order(g)
+            item = dataset.item(index, caption_seed=mix_seed(seed, STREAM_CAPTION, g))
+            rng = generator(seed, STREAM_SAMPLE, g)
+            images.append(item["image"])
+            captions.append(item["caption"])
+            z.append(torch.randn(gan.generator.z_dim, generator=rng))
+            augment.append(torch.rand(4, 7, generator=rng))
+            wrong.append(self._wrong_caption(dataset, index, item["caption"],
+                                             random.Random(mix_seed(seed, STREAM_WRONG_CAPTION, g))))
+        return {"real": images_to_float(torch.stack(images)).to(self.device), "captions": captions,
+                "wrong_captions": wrong, "z": torch.stack(z).to(self.device),
+                "augment": torch.stack(augment).to(self.device)}
+
+    def _augment(self, x: torch.Tensor, batch: dict, view: int) -> torch.Tensor:
+        policy = self.cfg.gan.augment
+        return diff_augment(x, batch["augment"][:, view], policy) if policy else x
+
+    # --- losses ---
+    def d_loss(self, d, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
+        gan, g = self.cfg.gan, self.model.g
+        text = g.encode_text(batch["captions"])
+        with torch.no_grad():
+            fake = g.generator(batch["z"], text)
+        r1_step = gan.r1_gamma > 0 and step % gan.r1_every == 0
+        real = batch["real"].detach().requires_grad_(r1_step)
+        views = [self._augment(real, batch, VIEW_REAL), self._augment(fake, batch, VIEW_FAKE_D)]
+        texts = [text, text]
+        if gan.mismatch_weight > 0:
+            views.append(self._augment(batch["real"], batch, VIEW_WRONG))
+            texts.append(g.encode_text(batch["wrong_captions"]))
+        logits = d(torch.cat(views), type(text)(*(torch.cat(parts) for parts in zip(*texts))))
+        parts = logits.chunk(len(views))
+        real_logits, fake_logits = parts[0], parts[1]
+        if gan.loss == "ns":  # softplus(-x) = -log sigmoid(x)
+            loss = F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+        else:
+            loss = F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+        logs = {"d_real": (real_logits > 0).float().mean(), "d_fake": (fake_logits < 0).float().mean()}
+        if gan.mismatch_weight > 0:
+            wrong_logits = parts[2]
+            wrong_loss = F.softplus(wrong_logits).mean() if gan.loss == "ns" else F.relu(1 + wrong_logits).mean()
+            loss = loss + gan.mismatch_weight * wrong_loss
+            logs["d_mismatch"] = (wrong_logits < 0).float().mean()
+        if r1_step:
+            (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
+            r1 = grad.float().pow(2).flatten(1).sum(1).mean()
+            loss = loss + (gan.r1_gamma / 2) * r1 * gan.r1_every
+            logs["r1"] = r1.detach()
+        return loss, logs
+
+    def g_loss(self, g, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
+        fake = g(batch["z"], batch["captions"])
+        with torch.no_grad():  # D judges the caption; the text encoder learns only through G
+            text = self.model.g.encode_text(batch["captions"])
+        logits = self.model.d(self._augment(fake, batch, VIEW_FAKE_G), text)
+        loss = F.softplus(-logits).mean() if self.cfg.gan.loss == "ns" else -logits.mean()
+        return loss, {}
+
+    # --- validation, samples, export ---
+    @torch.no_grad()
+    def validate(self, model, ema, dataset, count: int, autocast) -> dict:
+        """How often D calls the first `count` val images real, and the EMA generator's images
+        for the same captions (fixed z) fake: near 0.5 / 0.5 when G keeps up."""
+        n = min(count, len(dataset))
+        if n == 0:
+            return {}
+        real_hits = fake_hits = 0.0
+        for start in range(0, n, 64):
+            idx = list(range(start, min(n, start + 64)))
+            real = images_to_float(torch.stack([dataset.item(i, caption_seed=i)["image"] for i in idx])).to(self.device)
+            captions = [dataset.item(i, caption_seed=i)["caption"] for i in idx]
+            z = torch.stack([torch.randn(self.cfg.gan.generator.z_dim, generator=generator(0, STREAM_VALIDATION, i))
+                             for i in idx]).to(self.device)
+            with autocast():
+                text = ema.encode_text(captions)
+                fake = ema.generator(z, text)
+                real_hits += (model.d(real, text) > 0).float().sum().item()
+                fake_hits += (model.d(fake, text) < 0).float().sum().item()
+        return {"val_d_real": real_hits / n, "val_d_fake": fake_hits / n}
+
+    def write_samples(self, ema, path: Path, autocast) -> None:
+        gan = self.cfg.gan
+        prompts = [p for p in gan.sample_prompts for _ in range(gan.sample_seeds)]
+        seeds = [s for _ in gan.sample_prompts for s in range(gan.sample_seeds)]
+        images = self.sample(ema, prompts, seeds, SampleSettings(), autocast, self.device)
+        grid = make_grid(to_uint8(images), columns=gan.sample_seeds, row_labels=gan.sample_prompts)
+        with atomic_path(path) as tmp:
+            grid.save(tmp, format="PNG")
+
+    def export(self, run_dir: Path, ema) -> dict:
+        return {"format": "vgen-gan", "text_encoder": self.model.g.text_encoder.id}
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.cfg.gan.channels, self.cfg.gan.image_size, self.cfg.gan.image_size
+
+    @torch.no_grad()
+    def sample(self, model, prompts, seeds, settings: SampleSettings, autocast, device) -> torch.Tensor:
+        """One generator call: image i from z ~ N(0, I) seeded by seeds[i] alone, and prompt i."""
+        z = initial_noise(seeds, (self.cfg.gan.generator.z_dim,)).to(device)
+        text = model.encode_text(list(prompts))
+        with autocast():
+            return model.generator(z, text).float()

@@ -1,0 +1,181 @@
+"""The text-conditioned GAN's two networks: a generator and a projection discriminator.
+
+Generator: StyleGAN-like (Karras et al. 2019/2020) in miniature. A style vector from the noise z and
+the pooled text embedding scales and shifts every normalised activation (adaptive instance/group
+norm), starting from a learned 4x4 tensor and doubling the size per block; at the low resolutions
+the pixels cross-attend to the text tokens, as GigaGAN (Kang et al. 2023, arXiv:2303.05511) does,
+so that which object goes where can depend on the words and their order.
+
+Discriminator: residual downsampling convolutions to a feature vector h, then the projection of
+Miyato & Koyama ("cGANs with Projection Discriminator", 2018, arXiv:1802.05637):
+logit = w . h + <c(text), h>, with c from the pooled text embedding plus an attention pooling of the
+text tokens (queried by h), so the discriminator can tell a mismatched caption from the right one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vgen.config import bounded, check_bounds
+from vgen.models.layers import Attention, TextRefinement
+
+
+@dataclass
+class GeneratorConfig:
+    z_dim: int = bounded(64, ge=1)
+    width: int = bounded(128, ge=8)  # channels at 4x4; halved (to at least 32) at each doubling past 16x16
+    attention_max_size: int = bounded(16, ge=0)  # cross-attention to the text tokens up to this size (0: none)
+    heads: int = bounded(4, ge=1)
+    groups: int = bounded(8, ge=1)
+    text_refiner_layers: int = bounded(0, ge=0)  # as the DiT's (vgen.models.layers.TextRefinement)
+    text_lexical: bool = False
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
+
+@dataclass
+class DiscriminatorConfig:
+    width: int = bounded(64, ge=8)  # channels at full size; doubled (to at most 4x) at each halving
+    token_pooling: bool = True  # c also attends over the text tokens (else: the pooled embedding alone)
+    text_lexical: bool = False  # the tokens it attends over include the tower's input embeddings
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
+
+def _channels(width: int, size: int) -> int:
+    """Generator channels at `size` px: `width` up to 16 px, then halved per doubling (to >= 32)."""
+    return max(32, width // max(1, size // 16))
+
+
+class ModulatedBlock(nn.Module):
+    """Two 3x3 convolutions, each followed by a GroupNorm whose scale and shift come from the style."""
+
+    def __init__(self, cin: int, cout: int, style: int, groups: int):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(cin, cout, 3, padding=1), nn.Conv2d(cout, cout, 3, padding=1)
+        self.norm1, self.norm2 = nn.GroupNorm(groups, cout, affine=False), nn.GroupNorm(groups, cout, affine=False)
+        self.style = nn.Linear(style, 4 * cout)
+        self.skip = nn.Conv2d(cin, cout, 1, bias=False) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        s1, b1, s2, b2 = self.style(w)[:, :, None, None].chunk(4, dim=1)
+        h = F.leaky_relu(self.norm1(self.conv1(x)) * (1 + s1) + b1, 0.2)
+        h = F.leaky_relu(self.norm2(self.conv2(h)) * (1 + s2) + b2, 0.2)
+        return (self.skip(x) + h) / math.sqrt(2)
+
+
+class TextCrossAttention(nn.Module):
+    """Pixels attend to the text tokens (pre-norm, residual, zero-initialised output)."""
+
+    def __init__(self, channels: int, heads: int, text_width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels, eps=1e-6)
+        self.attn = Attention(channels, heads, context_width=text_width)
+        nn.init.zeros_(self.attn.out.weight)
+        nn.init.zeros_(self.attn.out.bias)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        tokens = x.flatten(2).transpose(1, 2)
+        tokens = tokens + self.attn(self.norm(tokens), text, mask)
+        return tokens.transpose(1, 2).reshape(B, C, H, W)
+
+
+class Generator(TextRefinement, nn.Module):
+    """image = G(z, text) in [-1, 1], `text` a vgen.text.encoder.TextFeatures."""
+
+    def __init__(self, cfg: GeneratorConfig, image_size: int, channels: int, text_width: int, pooled_width: int):
+        super().__init__()
+        if image_size < 4 or image_size & (image_size - 1):
+            raise ValueError(f"the GAN generator needs a power-of-two image size >= 4, got {image_size}")
+        self.cfg, self.image_size = cfg, image_size
+        style = cfg.width
+        self.mapping = nn.Sequential(nn.Linear(cfg.z_dim + pooled_width, style), nn.LeakyReLU(0.2),
+                                     nn.Linear(style, style), nn.LeakyReLU(0.2), nn.Linear(style, style))
+        self.init_text_refinement(cfg.text_lexical, cfg.text_refiner_layers, text_width)
+        self.const = nn.Parameter(torch.randn(1, cfg.width, 4, 4))
+        self.blocks, self.attention = nn.ModuleList(), nn.ModuleDict()
+        size, ch = 4, cfg.width
+        self.blocks.append(ModulatedBlock(ch, ch, style, cfg.groups))
+        while True:
+            if size <= cfg.attention_max_size:
+                self.attention[str(size)] = TextCrossAttention(ch, cfg.heads, text_width)
+            if size == image_size:
+                break
+            size *= 2
+            self.blocks.append(ModulatedBlock(ch, _channels(cfg.width, size), style, cfg.groups))
+            ch = _channels(cfg.width, size)
+        self.to_rgb = nn.Conv2d(ch, channels, 1)
+
+    def forward(self, z: torch.Tensor, features) -> torch.Tensor:
+        w = self.mapping(torch.cat([z, features.pooled.to(z.dtype)], dim=1))
+        text, mask = self.refine_text(features), features.mask
+        x = self.const.expand(z.shape[0], -1, -1, -1)
+        for i, block in enumerate(self.blocks):
+            if i:
+                x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+            x = block(x, w)
+            if str(x.shape[-1]) in self.attention:
+                x = self.attention[str(x.shape[-1])](x, text, mask)
+        return torch.tanh(self.to_rgb(x))
+
+
+class DownBlock(nn.Module):
+    """Residual: two 3x3 convolutions with LeakyReLU, then 2x average pooling (no normalisation, as
+    StyleGAN's discriminator: R1 regularises it instead)."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(cin, cin, 3, padding=1), nn.Conv2d(cin, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.leaky_relu(self.conv2(F.leaky_relu(self.conv1(x), 0.2)), 0.2)
+        return (F.avg_pool2d(self.skip(x), 2) + F.avg_pool2d(h, 2)) / math.sqrt(2)
+
+
+class Discriminator(nn.Module):
+    """logit = D(image, text): w . h + <c(text, h), h>."""
+
+    def __init__(self, cfg: DiscriminatorConfig, image_size: int, channels: int, text_width: int, pooled_width: int):
+        super().__init__()
+        self.cfg = cfg
+        self.inp = nn.Conv2d(channels, cfg.width, 1)
+        self.blocks, size, ch = nn.ModuleList(), image_size, cfg.width
+        while size > 4:
+            out = min(4 * cfg.width, 2 * ch)
+            self.blocks.append(DownBlock(ch, out))
+            size, ch = size // 2, out
+        self.final = nn.Conv2d(ch, ch, 3, padding=1)
+        self.features = nn.Linear(ch * 4 * 4, ch)
+        self.unconditional = nn.Linear(ch, 1)
+        self.pooled_proj = nn.Sequential(nn.LayerNorm(pooled_width), nn.Linear(pooled_width, ch))
+        if cfg.token_pooling:
+            if cfg.text_lexical:
+                self.text_lexical = nn.Sequential(nn.LayerNorm(text_width, eps=1e-6), nn.Linear(text_width, text_width))
+            self.token_norm = nn.LayerNorm(text_width, eps=1e-6)
+            self.token_pool = Attention(ch, 1, context_width=text_width)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        h = F.leaky_relu(self.inp(images), 0.2)
+        for block in self.blocks:
+            h = block(h)
+        h = F.leaky_relu(self.final(h), 0.2)
+        return F.leaky_relu(self.features(h.flatten(1)), 0.2)
+
+    def forward(self, images: torch.Tensor, features) -> torch.Tensor:
+        h = self.embed(images)
+        c = self.pooled_proj(features.pooled.to(h.dtype))
+        if self.cfg.token_pooling:
+            tokens = features.tokens
+            if self.cfg.text_lexical:
+                tokens = tokens + self.text_lexical(features.embeddings.to(tokens.dtype))
+            c = c + self.token_pool(h[:, None], self.token_norm(tokens.to(h.dtype)), features.mask)[:, 0]
+        return (self.unconditional(h)[:, 0] + (c * h).sum(dim=1) / math.sqrt(h.shape[1])).float()

@@ -1,0 +1,184 @@
+"""Load any trained run for inference: run.yaml -> its family, built from the recorded config, with
+the EMA weights of the chosen checkpoint.
+
+    load_run(run_dir, checkpoint, device, precision)   -> LoadedRun (family + EMA model, ready to sample)
+    run_text_encoder_source(run_dir)                    the text encoder a run was conditioned on
+
+`vgen generate` and `vgen evaluate` go through here and never name a family; training code never
+imports this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vgen import checkpoint as ckpt
+from vgen.errors import ManifestError, UsageError
+from vgen.manifest import read_manifest, sha256_file
+
+RUN_MANIFEST = "run.yaml"
+
+
+@dataclass
+class LoadedRun:
+    """A run's family and EMA model in eval mode, and what identifies them."""
+
+    family: object  # a vgen.families.base.Family, built from the run's config
+    model: torch.nn.Module  # the family's EMA target with the checkpoint's EMA weights
+    cfg: object  # the run's config (text_encoder.source resolved)
+    run_dir: Path
+    run_manifest_sha256: str
+    checkpoint: Path
+    step: int
+    sha256: str  # of the checkpoint's ema.safetensors: the "model hash"
+    device: torch.device
+    precision: str  # fp32 | bf16 (autocast)
+    load_seconds: float
+
+    @property
+    def kind(self) -> str:
+        return self.cfg.kind
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.family.image_shape
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def _not_a_run(run_dir: Path) -> ManifestError:
+    hint = ""
+    if (run_dir / "dataset.yaml").is_file():
+        hint = " (it holds dataset.yaml: that is a dataset made by `vgen preprocess`)"
+    elif (run_dir / "generation.yaml").is_file():
+        hint = " (it holds generation.yaml: that is an output of `vgen generate`)"
+    return ManifestError(f"{run_dir}: not a run dir: no {RUN_MANIFEST}{hint}; expected the --out directory "
+                         "of `vgen train`")
+
+
+def resolve_text_source(source: str, run_dir: Path, manifest: dict, manifest_path: Path) -> str:
+    """A relative path in `text_encoder.source` is relative to the directory training ran in.
+
+    Tried in order: the current directory, the one training recorded (`environment.cwd`), then every
+    parent of the run dir (so `run:demo/text-encoder` of `demo/model` is found from anywhere).
+    """
+    from vgen.text.sources import LOCAL_DIR_PREFIX, RUN_PREFIX, looks_like_path
+
+    prefix = next((p for p in (RUN_PREFIX, LOCAL_DIR_PREFIX) if source.startswith(p)), None)
+    if prefix is None:
+        if not looks_like_path(source):
+            return source  # a pretrained tag or `random`
+        prefix = ""
+    path = Path(source[len(prefix):]).expanduser()
+    if path.is_absolute():
+        return source  # the loader names it if it is missing
+    bases = [Path.cwd()]
+    recorded = (manifest.get("environment") or {}).get("cwd")
+    if recorded:
+        bases.append(Path(recorded))
+    bases += list(run_dir.resolve().parents)
+    for base in bases:
+        if (base / path).exists():
+            return prefix + str((base / path).resolve())
+    raise UsageError(
+        f"{manifest_path}: text_encoder.source {source!r} is a path relative to the directory training ran "
+        f"in, and it is neither under the current directory{', ' + recorded if recorded else ''} nor under a "
+        f"parent of {run_dir}; run `vgen generate` from the directory `vgen train` ran in")
+
+
+def _read_run(run_dir: Path) -> tuple[Path, dict]:
+    if run_dir.name == RUN_MANIFEST and run_dir.is_file():  # the manifest itself names its run
+        run_dir = run_dir.parent
+    if not run_dir.exists():
+        raise UsageError(f"{run_dir}: no such directory (expected a run dir made by `vgen train`, holding "
+                         f"{RUN_MANIFEST} and checkpoints/)")
+    if not (run_dir / RUN_MANIFEST).is_file():
+        raise _not_a_run(run_dir)
+    return run_dir, read_manifest(run_dir / RUN_MANIFEST, "run", required=("train_kind", "config"))
+
+
+def _run_config(run_dir: Path, manifest: dict):
+    from vgen.families.config import recorded_train_config
+
+    manifest_path = run_dir / RUN_MANIFEST
+    cfg = recorded_train_config(manifest["config"], source=str(manifest_path))
+    if hasattr(cfg, "text_encoder"):
+        source = resolve_text_source(cfg.text_encoder.source, run_dir, manifest, manifest_path)
+        cfg = dataclasses.replace(cfg, text_encoder=dataclasses.replace(cfg.text_encoder, source=source))
+    return cfg
+
+
+def run_text_encoder_source(run_dir: str | Path) -> str | None:
+    """The text encoder source a run was conditioned on, relative paths resolved (as loading does);
+    None for a family without one."""
+    run_dir, manifest = _read_run(Path(run_dir))
+    cfg = _run_config(run_dir, manifest)
+    return cfg.text_encoder.source if hasattr(cfg, "text_encoder") else None
+
+
+def _parse_checkpoint(which: str | int) -> str | int:
+    if isinstance(which, int) or which == "latest":
+        return which
+    if str(which).isdigit():
+        return int(which)
+    raise UsageError(f"--checkpoint: expected 'latest' or a step number, got {which!r}")
+
+
+def load_run(run_dir: str | Path, checkpoint: str | int = "latest", device: str = "auto",
+             precision: str = "auto", warn: Callable[[str], None] | None = None) -> LoadedRun:
+    """The EMA weights of checkpoint `checkpoint` of the run at `run_dir`, in the family, networks
+    and text encoder the run was trained with (all read through run.yaml).
+
+    `precision` auto: bf16 autocast on CUDA; fp32 on CPU, where bf16 would make an image depend on
+    the batch it was drawn in (rounding differs with the batch shape, and 20 steps amplify it).
+    """
+    from vgen.distributed import resolve_device
+    from vgen.families import FAMILIES, build_family, family_class
+
+    start = time.perf_counter()
+    run_dir, manifest = _read_run(Path(run_dir))
+    manifest_path = run_dir / RUN_MANIFEST
+    cfg = _run_config(run_dir, manifest)
+    if not family_class(cfg.kind).generates:
+        source = "run:" + str(run_dir)
+        drawing = ", ".join(k for k in FAMILIES if family_class(k).generates)
+        raise ManifestError(f"{manifest_path}: a {cfg.kind} run draws no images; `vgen generate` needs a run of "
+                            f"kind {drawing}. To condition one on this run, train it with "
+                            f"--set text_encoder.source={source}")
+    which = _parse_checkpoint(checkpoint)
+    path, state = ckpt.resolve_checkpoint(run_dir, which, warn=warn or (lambda m: print(m, file=sys.stderr)))
+    torch_device = resolve_device(device)
+    if precision == "auto":
+        precision = "bf16" if torch_device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise UsageError(f"--precision: expected auto, fp32 or bf16, got {precision!r}")
+
+    resolution = (manifest.get("dataset") or {}).get("resolution")
+    family = build_family(cfg, resolution, torch_device)
+    model = family.ema_target()
+    trained_with = (manifest.get("export") or {}).get("text_encoder")
+    if trained_with and trained_with != model.text_encoder.id:
+        raise ManifestError(f"{manifest_path}: the run was trained with text encoder {trained_with}, but "
+                            f"text_encoder.source {cfg.text_encoder.source} now holds {model.text_encoder.id}; the "
+                            "generator only understands the features of the encoder it was trained with")
+    try:
+        model.load_state_dict(ckpt.load_tensors(path, "ema", torch_device))
+    except RuntimeError as e:
+        detail = str(e).strip().splitlines()[0]
+        raise ManifestError(f"{path / 'ema.safetensors'} does not fit the network of {manifest_path}: "
+                            f"{detail}") from None
+    model.eval().requires_grad_(False)
+    return LoadedRun(family=family, model=model, cfg=cfg, run_dir=run_dir, run_manifest_sha256=sha256_file(manifest_path),
+                     checkpoint=path, step=int(state["step"]), sha256=state["files"]["ema"]["sha256"],
+                     device=torch_device, precision=precision, load_seconds=time.perf_counter() - start)
