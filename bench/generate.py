@@ -2,7 +2,7 @@
 
 Loads a trained flow run (default demo/model, made by `make demo`) and draws --images images
 (default 64; the run's sample prompts in turn, seeds 0..N-1) in one batch, with classifier-free
-guidance at the run's scale, exactly as `vgen generate` does (vgen.generate.sample_images).
+guidance at the run's scale, exactly as `vgen generate` does (vgen.families.flow.sample_flow).
 
   1. images/s with Euler at 10, 20 and 50 steps, and the sampler's overhead: the time spent outside
      the network's forward calls (noise, text features, guidance arithmetic, the Euler update) as a
@@ -29,12 +29,13 @@ from pathlib import Path
 
 import torch
 
-from vgen.generate import load_generator, sample_images
+from vgen.families.flow import sample_flow
+from vgen.runs import load_run
 from vgen.grid import to_uint8
 
 
 class TimedNetwork:
-    """The model as sample_images sees it (`encode_text`, `velocity`), adding up the forward time."""
+    """The model as sample_flow sees it (`encode_text`, `velocity`), adding up the forward time."""
 
     def __init__(self, model, device: torch.device):
         self.model, self.device, self.seconds, self.calls = model, device, 0.0, 0
@@ -57,11 +58,11 @@ class TimedNetwork:
 
 
 def draw(gen, prompts, seeds, steps: int, sampler: str, guidance: float) -> tuple[torch.Tensor, float, TimedNetwork]:
-    """uint8 images, total seconds, and the timed network of one sample_images call."""
+    """uint8 images, total seconds, and the timed network of one sample_flow call."""
     net = TimedNetwork(gen.model, gen.device)
     net._sync()
     start = time.perf_counter()
-    images = sample_images(net, prompts, seeds, gen.image_shape, steps=steps, guidance=guidance, sampler=sampler,
+    images = sample_flow(net, prompts, seeds, gen.image_shape, steps=steps, guidance=guidance, sampler=sampler,
                            autocast=gen.autocast, device=gen.device)
     pixels = to_uint8(images).cpu()  # waits for the device
     return pixels, time.perf_counter() - start, net

@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from vgen.config import from_dict
 from vgen.evaluate.judge import compositional_accuracy, judge_images
 from vgen.evaluate.runner import benchmark_prompts
 from vgen.grid import to_uint8
 from vgen import checkpoint as ckpt
-from vgen.families.config import load_train_config, train_config_from_dict
+from vgen.families.config import train_config_from_dict
+from vgen.families.base import SampleSettings
 from vgen.families.flow import FlowFamily
 
 
@@ -53,8 +53,9 @@ def main() -> None:
     seeds = [s for _ in prompts for s in range(args.seeds)]
     start = time.perf_counter()
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
-    images = torch.cat([task.sample(task.model, full[k:k + 240], seeds[k:k + 240], args.steps,
-                                    cfg.flow.sample_guidance, autocast).cpu() for k in range(0, len(full), 240)])
+    settings = SampleSettings(steps=args.steps, guidance=cfg.flow.sample_guidance, sampler="euler")
+    images = torch.cat([task.sample(task.model, full[k:k + 240], seeds[k:k + 240], settings, autocast, "cpu").cpu()
+                        for k in range(0, len(full), 240)])
     acc = compositional_accuracy(judge_images(to_uint8(images), full))
     by_relation = ", ".join(f"{r} {v['accuracy']:.3f}" for r, v in acc["by_relation"].items())
     print(f"{args.run} {path.name} {args.weights}: single {acc['single_object']['accuracy']:.3f}  "

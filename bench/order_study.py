@@ -25,7 +25,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vgen.data import emoji_scenes as es  # noqa: E402
-from vgen.generate import load_generator, sample_images  # noqa: E402
+from vgen.families.flow import sample_flow  # noqa: E402
+from vgen.runs import load_run  # noqa: E402
 from vgen.grid import to_uint8  # noqa: E402
 
 NOUNS = [o.noun for o in es.OBJECTS]
@@ -105,7 +106,7 @@ def main() -> None:
             prompts = [p for p in es.benchmark_prompts(split, 20) for _ in range(args.seeds)]
             seeds = [s for _ in range(len(prompts) // args.seeds) for s in range(args.seeds)]
             images = torch.cat([
-                sample_images(gen.model, prompts[k:k + 64], seeds[k:k + 64], gen.image_shape, steps=flow.sample_steps,
+                sample_flow(gen.model, prompts[k:k + 64], seeds[k:k + 64], gen.image_shape, steps=flow.sample_steps,
                               guidance=flow.sample_guidance, autocast=gen.autocast, device=gen.device).cpu()
                 for k in range(0, len(prompts), 64)])
             images = to_uint8(images).float() / 127.5 - 1

@@ -33,10 +33,10 @@ from contextlib import nullcontext
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vgen.config import load_config
 from vgen.diffusion.flow import flow_loss, interpolate, logit_normal_t
+from vgen.families.config import load_train_config
 from vgen.models.dit import DiT, DiTConfig
-from vgen.families.config import load_train_config, train_config_from_dict
+from vgen.text.encoder import TextFeatures
 
 try:
     from diffusers import UNet2DConditionModel
@@ -113,7 +113,7 @@ def make_batches(count: int, batch: int, net: DiTConfig, text_len: int, text_wid
 
 
 def dit_forward(model, x_t, b):
-    return model(x_t, b["t"], b["text"], b["mask"], b["pooled"], b["embeddings"])
+    return model(x_t, b["t"], TextFeatures(b["text"], b["mask"], b["pooled"], b["embeddings"]))
 
 
 def unet_forward(model, x_t, b):

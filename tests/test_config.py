@@ -224,7 +224,7 @@ def test_load_config_file_errors(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
-    from vgen.families.config import load_train_config, train_config_from_dict
+    from vgen.families.config import load_train_config
 
     from vgen.families import FAMILIES
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from tests.test_train import TINY_FLOW
 from tests.train_fixtures import tiny_text_encoder
-from vgen.config import apply_overrides, from_dict
+from vgen.config import apply_overrides
 from vgen.data import emoji_scenes as es
 from vgen.data.dataset import ImageCaptionDataset
 from vgen.errors import MissingDependencyError
@@ -27,7 +27,7 @@ from vgen.evaluate import judge as J
 from vgen.evaluate.evaluation import METRICS, EvalOptions
 from vgen.evaluate.runner import evaluate_generation_dir
 from vgen.manifest import sha256_file, write_manifest
-from vgen.families.config import load_train_config, train_config_from_dict
+from vgen.families.config import train_config_from_dict
 
 RESOLUTION = 16
 

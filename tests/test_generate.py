@@ -18,13 +18,13 @@ from PIL import Image
 
 from tests.test_train import TINY_FLOW
 from tests.train_fixtures import colour_dataset, tiny_text_encoder
-from vgen.config import apply_overrides, from_dict
+from vgen.config import apply_overrides
 from vgen.diffusion.samplers import time_grid, truncate_grid
 from vgen.errors import UsageError
 from vgen.generate import GenerationRequest, generate, load_edit_inputs, read_png_metadata, sample_images
 from vgen.runs import load_run
 from vgen.manifest import read_manifest, sha256_file, write_manifest
-from vgen.families.config import load_train_config, train_config_from_dict
+from vgen.families.config import train_config_from_dict
 
 STEPS = 6  # sampler steps in these tests: enough to exercise the loop, cheap on 2 cores
 

@@ -41,8 +41,7 @@ def assets(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(assets, tmp_path_factory):
     """A finished 10-step run (checkpoints 5 and 10), never modified by the tests (they copy it)."""
-    from vgen.config import load_config
-    from vgen.families.config import load_train_config, train_config_from_dict
+    from vgen.families.config import load_train_config
     from vgen.train.loop import train
 
     run = tmp_path_factory.mktemp("trained") / "run"

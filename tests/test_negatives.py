@@ -23,9 +23,8 @@ def test_no_negative_without_two_different_content_words():
 def test_clip_loss_ranks_the_swapped_caption_as_a_negative(tmp_path):
     """With hard negatives the image->text softmax includes each image's swapped caption, so the
     loss is larger than without them whenever the swapped caption scores close to the true one."""
-    from vgen.config import from_dict
     from vgen.families.clip import ClipFamily
-    from vgen.families.config import load_train_config, train_config_from_dict
+    from vgen.families.config import train_config_from_dict
 
     small = {"embed_dim": 16, "patch_size": 8, "vision_width": 16, "vision_layers": 1, "vision_head_width": 8,
              "text_width": 16, "text_layers": 1, "text_heads": 2, "context_length": 12}

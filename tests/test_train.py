@@ -5,7 +5,6 @@ behaviour under test is the process's (exit codes, SIGKILL, torchrun)."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,10 +17,9 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.train_fixtures import COLOURS, colour_dataset, tiny_text_encoder
-from vgen.config import load_config
 from vgen.checkpoint import list_checkpoints
 from vgen.families.base import SampleSettings
-from vgen.families.config import load_train_config, train_config_from_dict
+from vgen.families.config import load_train_config
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent

@@ -15,7 +15,6 @@ drawn in, nor on the other prompts of the request.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as _dt
 import json

@@ -68,7 +68,7 @@ class EvalOptions:
     clip: str | None = None  # CLIP for the CLIP-space metrics; default: the generator's text encoder
     feature_precision: str = "fp32"  # of the Inception network: fp32 (the standard) or bf16
     device: str = "auto"
-    batch_size: int = 25  # images per feature-extractor batch (Inception on CPU: 25 ran 1.3x faster than 100)
+    batch_size: int = 25  # images per feature-extractor batch (on CPU faster than 100: bench/RESULTS.md)
     kid_subsets: int = 100
     kid_subset_size: int = 1000
     judge_cache: Path | None = None  # default ~/.cache/vgen/judge

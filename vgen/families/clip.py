@@ -42,9 +42,8 @@ class ClipConfig:
     context_length: int = bounded(32, ge=2)
     # NegCLIP-style hard negatives (Yuksekgonul et al. 2023): each caption with two of its content
     # words swapped ("a dog above a cat" for "a cat above a dog") is an extra negative text for its
-    # image, pushing the text tower to encode word order. Off by default until it pays for its 20%
-    # longer steps: on emoji scenes (clip-tiny, 250 steps) it raised val_word_order_accuracy from
-    # 0.67 to 0.79, but preferring "a cat above a dog" over "a dog above a cat" only from 0.48 to 0.54.
+    # image, pushing the text tower to encode word order. Off by default: on emoji scenes it did not
+    # pay for its longer steps (bench/RESULTS.md, "CLIP hard negatives").
     hard_negatives: bool = False
 
     def __post_init__(self) -> None:

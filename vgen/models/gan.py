@@ -89,7 +89,7 @@ class TextCrossAttention(nn.Module):
 
 
 class Generator(TextRefinement, nn.Module):
-    """image = G(z, text) in [-1, 1], `text` a vgen.text.encoder.TextFeatures."""
+    """image = G(z, text), about [-1, 1], `text` a vgen.text.encoder.TextFeatures."""
 
     def __init__(self, cfg: GeneratorConfig, image_size: int, channels: int, text_width: int, pooled_width: int):
         super().__init__()
@@ -124,7 +124,9 @@ class Generator(TextRefinement, nn.Module):
             x = block(x, w)
             if str(x.shape[-1]) in self.attention:
                 x = self.attention[str(x.shape[-1])](x, text, mask)
-        return torch.tanh(self.to_rgb(x))
+        # A linear output, as StyleGAN's (clamped to [-1, 1] only when saved): a tanh saturates on
+        # the white backgrounds of emoji scenes, and a saturated generator gets no gradient.
+        return self.to_rgb(x)
 
 
 class DownBlock(nn.Module):

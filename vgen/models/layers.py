@@ -46,9 +46,8 @@ class Attention(nn.Module):
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v. On CUDA, PyTorch's fused kernels (flash / memory-efficient); on CPU
-    the plain matmul form, which measured faster for training at these sizes (bf16, 256 queries,
-    head dim 64: 1.3x for self-attention, 3.9x for cross-attention to 16 text tokens; the fused CPU
-    kernel's backward pass is slow)."""
+    the plain matmul form, which trains faster at these sizes (the fused CPU kernel's backward pass
+    is slow; bench/RESULTS.md, "Attention on CPU")."""
     if q.is_cuda:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
@@ -87,21 +86,20 @@ class TextRefinement:
     def refine_text(self, features) -> torch.Tensor:
         """The text tokens the blocks cross-attend to: unchanged, or rewritten by the refiner.
 
-        With `text_lexical`, the text tower's input embeddings (`text_input`: which word, where),
-        normalised and projected, are added first. A contrastive text tower keeps little of the
-        words that barely change its image match: in the demo CLIP the output features of "above"
-        and "below" in "a cat above/below a dog" have cosine 0.92 and the tokens after them 0.98 -
-        1.0, so word order was a faint signal the generator learnt late and unreliably; the input
-        embeddings of the two words are unrelated vectors. (Reading lower layers of the text
+        With `text_lexical`, the text tower's input embeddings (`features.embeddings`: which word,
+        where), normalised and projected, are added first. A contrastive text tower keeps little of
+        the words that barely change its image match: in the demo CLIP the output features of
+        "a cat above a dog" and "a cat below a dog" are nearly the same (bench/RESULTS.md), so word
+        order was a faint signal the generator learnt late and unreliably; the input embeddings of
+        the two words are unrelated vectors. (Reading lower layers of the text
         tower, like SDXL's penultimate-layer features, for the same reason.)
 
         A causal text tower (CLIP's) gives the first noun of "a cat above a dog" no view of
         "above": only later tokens know the relation, so which object goes on top must be routed
         through two cross-attention hops. A few bidirectional layers with learned positions,
         trained with the generator, let every token see the whole caption first (the "context
-        refiner" of Lumina-Image 2.0, Qin et al. 2025). Measured on emoji scenes: without it the
-        generator placed the two objects of "above"/"below" prompts in random order even after
-        5,000 steps; with it, in the named order (bench/RESULTS.md).
+        refiner" of Lumina-Image 2.0, Qin et al. 2025). On emoji scenes it is what let the
+        generator learn the named order of "above"/"below" (bench/RESULTS.md).
         """
         text, text_mask = features.tokens, features.mask
         if self.lexical:

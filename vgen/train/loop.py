@@ -193,7 +193,7 @@ class _Metrics:
         self.file.close()
 
 
-def train(cfg: TrainConfig, data_dir: Path, run_dir: Path, start_over: bool = False) -> dict | None:
+def train(cfg, data_dir: Path, run_dir: Path, start_over: bool = False) -> dict | None:
     """Train (or resume) a run of `cfg` on the dataset at `data_dir` into `run_dir`; returns the
     summary `vgen train --json` prints (on the main process; None on the others).
 
@@ -249,7 +249,7 @@ def _mark_killed(run_dir: Path) -> None:
                                                                 "(killed, or the machine went down)"})
 
 
-def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, dist: Distributed, start_over: bool) -> dict:
+def _train(cfg, data_dir: Path, run_dir: Path, dist: Distributed, start_over: bool) -> dict:
     loop, device = cfg.train, dist.device
     if loop.batch_size % dist.world_size:
         raise ConfigError(f"train.batch_size {loop.batch_size} is not divisible by the {dist.world_size} processes")

@@ -24,7 +24,8 @@ _X86 = ("x86_64", "amd64", "i386", "i686")
 def bf16_speedup(width: int, rows: int = 2048, repeats: int = 5) -> float:
     """fp32 time / bf16 time of a [rows, width] x [width, 4 width] matmul on this CPU, each the best
     of `repeats` after two warm-up calls (the first bf16 calls pay for oneDNN's kernel generation and
-    measured up to 5x slower than the rest, enough to pick fp32 on a CPU where bf16 is 8x faster)."""
+    can be several times slower than the rest, enough to pick fp32 on a CPU where bf16 is far
+    faster; bench/RESULTS.md)."""
     a, b = torch.randn(rows, width), torch.randn(width, 4 * width)
     best = {}
     for dtype in (torch.float32, torch.bfloat16):
