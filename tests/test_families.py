@@ -147,9 +147,9 @@ def test_diff_augment_known_answers():
     assert shifted[:, :, -1].abs().sum() == 0 and shifted[:, :, :, 0].abs().sum() == 0
     # cutout: a 4x4 (half-size) square of zeros around the chosen centre
     params = neutral.clone()
-    params[:, 5], params[:, 6] = 0.5, 0.5  # centre (4, 4): rows and columns 1..7 within |d| < 2 -> 3..5
+    params[:, 5], params[:, 6] = 0.5, 0.5  # centre (4, 4): rows and columns 2..5, half the size
     cut = diff_augment(x + 10, params, ["cutout"])
-    assert (cut[:, :, 3:6, 3:6] == 0).all() and (cut == 0).sum() == 2 * 3 * 9
+    assert (cut[:, :, 2:6, 2:6] == 0).all() and (cut == 0).sum() == 2 * 3 * 16
     x.requires_grad_(True)
     diff_augment(x, torch.rand(2, 7), ["color", "translation", "cutout"]).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0

@@ -35,7 +35,7 @@ downscaling) to 299 x 299, clipped to [0, 255], not quantised again; then (x - 1
 `run:PATH`, `local-dir:PATH`, a pretrained tag for `arch`, ... as vgen.text.sources reads them).
 Images are centre-cropped and resized (PIL, the model's interpolation, antialiased) to the model's
 input size when they differ, scaled to [0, 1] and normalised with the model's mean/std (OpenAI's
-for a vgen CLIP run, vgen.train.clip_task.MEAN/STD); features are L2-normalised embeddings, for
+for a vgen CLIP run, vgen.families.clip.MEAN/STD); features are L2-normalised embeddings, for
 FD/KID in CLIP space and for CLIP score.
 
 **torchmetrics** (1.9): `FrechetInceptionDistance(feature=module)` and `KernelInceptionDistance`

@@ -18,7 +18,7 @@ FAMILIES = {
 
 
 def family_class(kind: str) -> type:
-    if kind not in FAMILIES:
+    if not isinstance(kind, str) or kind not in FAMILIES:
         raise ConfigError(f"kind: expected one of {', '.join(map(repr, FAMILIES))}, got {kind!r}")
     module, _, name = FAMILIES[kind].partition(":")
     return getattr(importlib.import_module(module), name)

@@ -95,7 +95,7 @@ def _kind(data: dict, source: str, overrides: Sequence[str]) -> str:
     from vgen.families import FAMILIES
 
     kind = data.get("kind", DEFAULT_KIND)
-    if kind not in FAMILIES:
+    if not isinstance(kind, str) or kind not in FAMILIES:
         blamed = next((f"--set {o}" for o in reversed(overrides) if o.partition("=")[0].strip() == "kind"), source)
         raise ConfigError(f"{blamed}: kind: expected one of {', '.join(map(repr, FAMILIES))}, got {kind!r}")
     return kind

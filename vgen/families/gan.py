@@ -70,13 +70,14 @@ def diff_augment(x: torch.Tensor, params: torch.Tensor, policy: list[str]) -> to
     """DiffAugment of images x [B, C, H, W] in [-1, 1] with per-sample uniforms `params` [B, 7]
     (brightness, saturation, contrast, translate y, x, cutout centre y, x), all differentiable in x."""
     B, _, H, W = x.shape
-    u = params.to(x.device, x.dtype)
+    # Positions from the fp32 uniforms (not rounded to a bf16 image's dtype), colour in x's dtype.
+    u, c = params.to(x.device, torch.float32), params.to(x.device, x.dtype)
     if "color" in policy:
-        x = x + (u[:, 0] - 0.5).view(B, 1, 1, 1)  # brightness in [-0.5, 0.5]
+        x = x + (c[:, 0] - 0.5).view(B, 1, 1, 1)  # brightness in [-0.5, 0.5]
         mean = x.mean(dim=1, keepdim=True)
-        x = (x - mean) * (2 * u[:, 1]).view(B, 1, 1, 1) + mean  # saturation in [0, 2]
+        x = (x - mean) * (2 * c[:, 1]).view(B, 1, 1, 1) + mean  # saturation in [0, 2]
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        x = (x - mean) * (u[:, 2] + 0.5).view(B, 1, 1, 1) + mean  # contrast in [0.5, 1.5]
+        x = (x - mean) * (c[:, 2] + 0.5).view(B, 1, 1, 1) + mean  # contrast in [0.5, 1.5]
     if "translation" in policy:  # shift by up to 1/8 of the size, zero-padded
         pad_y, pad_x = H // 8, W // 8
         dy = (u[:, 3] * (2 * pad_y + 1)).long().clamp(max=2 * pad_y) - pad_y
@@ -86,12 +87,12 @@ def diff_augment(x: torch.Tensor, params: torch.Tensor, policy: list[str]) -> to
         cols = (torch.arange(W, device=x.device)[None] + pad_x - dx[:, None])  # [B, W]
         batch = torch.arange(B, device=x.device)[:, None, None]
         x = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-    if "cutout" in policy:  # zero a square of half the size
+    if "cutout" in policy:  # zero a square of half the size (rows cy - H/4 .. cy + H/4 - 1), clipped at the edges
         cy = (u[:, 5] * (H + H % 2)).long()
         cx = (u[:, 6] * (W + W % 2)).long()
-        ys = torch.arange(H, device=x.device)[None, :, None]
-        xs = torch.arange(W, device=x.device)[None, None, :]
-        inside = ((ys - cy.view(B, 1, 1)).abs() < H // 4) & ((xs - cx.view(B, 1, 1)).abs() < W // 4)
+        dy = torch.arange(H, device=x.device)[None, :, None] - cy.view(B, 1, 1)
+        dx = torch.arange(W, device=x.device)[None, None, :] - cx.view(B, 1, 1)
+        inside = (dy >= -(H // 4)) & (dy < H // 4) & (dx >= -(W // 4)) & (dx < W // 4)
         x = x * (~inside).unsqueeze(1).to(x.dtype)
     return x
 

@@ -272,6 +272,9 @@ def _train(cfg, data_dir: Path, run_dir: Path, dist: Distributed, start_over: bo
     ema = make_ema(ema_target, share=family.shared_modules())
     phases = family.phases()
     states = [_PhaseState(phase, single=len(phases) == 1) for phase in phases]
+    # The phases that train the EMA target: the EMA is updated on a step where all of them stepped.
+    ema_ids = {id(p) for p in ema_target.parameters()}
+    ema_owners = [s for s in states if any(id(p) in ema_ids for p in s.params)]
     optimizers = {state.name: state.optimizer for state in states}
 
     start_step, nonfinite, precision, precision_reason = 0, 0, None, None
@@ -357,7 +360,7 @@ def _train(cfg, data_dir: Path, run_dir: Path, dist: Distributed, start_over: bo
             while step < loop.steps:
                 first = step * loop.batch_size + dist.rank * local_batch
                 batch = family.make_batch(train_set, order, step, list(range(first, first + local_batch)))
-                skipped, grad_norms = False, {}
+                skipped, grad_norms = [], {}
                 for state in states:
                     optim = state.phase.optim
                     lr = learning_rate(step, loop.steps, optim.lr, optim.warmup_steps, optim.min_lr_ratio)
@@ -381,18 +384,19 @@ def _train(cfg, data_dir: Path, run_dir: Path, dist: Distributed, start_over: bo
                             state.logs[key] = (total + value.detach().float(), count + 1)
                         state.optimizer.step()
                     else:
-                        skipped = True
+                        skipped.append(state)
                     state.optimizer.zero_grad(set_to_none=True)
                     grad_norms[f"grad_norm{state.suffix}"] = float(grad_norm)
                 if len(states) > 1:
                     for state in states:
                         state.set_trainable(True)
-                if not skipped:
+                if not any(s in skipped for s in ema_owners):
                     update_ema(ema, ema_target, ema_decay(step, cfg.ema.decay, cfg.ema.warmup))
-                else:
+                if skipped:
                     nonfinite += 1
                     if dist.is_main:
-                        console.print(f"[yellow]step {step}: non-finite loss or gradient, step skipped "
+                        what = "step" if len(states) == 1 else "phase " + ", ".join(s.name for s in skipped) + " of the step"
+                        console.print(f"[yellow]step {step}: non-finite loss or gradient, {what} skipped "
                                       f"({nonfinite} of at most {loop.max_nonfinite})[/]")
                     if nonfinite > loop.max_nonfinite:
                         raise VgenError(f"{nonfinite} steps had a non-finite loss or gradient (limit train.max_nonfinite="
@@ -404,8 +408,9 @@ def _train(cfg, data_dir: Path, run_dir: Path, dist: Distributed, start_over: bo
                 if step % loop.log_every == 0 or step == loop.steps:
                     row = {}
                     for state in states:
-                        n = max(1, state.steps)
-                        row[f"loss{state.suffix}"] = all_reduce(torch.as_tensor(state.loss_sum / n), "mean").item()
+                        n = max(1, state.steps)  # a window of skipped steps only: NaN, not a loss of 0
+                        mean = state.loss_sum / n if state.steps else float("nan")
+                        row[f"loss{state.suffix}"] = all_reduce(torch.as_tensor(mean), "mean").item()
                         for key, (total, count) in state.logs.items():
                             row[key] = all_reduce(torch.as_tensor(total / count), "mean").item()
                         state.reset_window()
