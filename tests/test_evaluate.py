@@ -31,6 +31,9 @@ from vgen.families.config import train_config_from_dict
 
 RESOLUTION = 16
 
+# Every test here uses a trained run and the real metrics: end-to-end, outside `make test-fast`.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, pytestconfig):
