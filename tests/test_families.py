@@ -4,20 +4,15 @@ must learn, resume bit for bit, match under torchrun, and refuse sampler flags i
 from __future__ import annotations
 
 import ast
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from tests.test_train import (COLOURS, REPO, child_env, final_weights, flow_sets, run, vgen_train_cmd,
-                              write_config)
+from tests.test_train import (COLOURS, REPO, final_weights, flow_sets, kill_after_checkpoints, run,
+                              vgen_train_cmd, write_config)
 from tests.train_fixtures import colour_dataset, tiny_text_encoder
-from vgen.checkpoint import list_checkpoints
 from vgen.errors import ConfigError
 from vgen.families.config import train_config_from_dict
 
@@ -216,12 +211,7 @@ def test_gan_resume_after_sigkill_is_bit_identical(assets, tmp_path):
     assert run(vgen_train_cmd(config, assets["data"], straight)).returncode == 0
     killed = tmp_path / "killed"
     cmd = vgen_train_cmd(config, assets["data"], killed)
-    proc = subprocess.Popen(cmd, env=child_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list_checkpoints(killed)) < 2:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoints(cmd, killed, 2)
     resumed = run(cmd)
     assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr[-3000:]
     for stem in ("model", "ema", "optimizer"):

@@ -67,6 +67,16 @@ def vgen_train_cmd(config: Path, data: Path, out: Path, *sets: str, torchrun: in
     return cmd
 
 
+def kill_after_checkpoints(cmd: list[str], out: Path, count: int) -> None:
+    """Start a training command and SIGKILL it once `out` holds `count` checkpoints."""
+    proc = subprocess.Popen(cmd, env=child_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list_checkpoints(out)) < count:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env(), cwd=REPO)
 
@@ -116,12 +126,7 @@ def test_resume_after_sigkill_is_bit_identical(assets, tmp_path):
 
     killed = tmp_path / "killed"
     cmd = vgen_train_cmd(config, assets["data"], killed)
-    proc = subprocess.Popen(cmd, env=child_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list_checkpoints(killed)) < 2:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoints(cmd, killed, 2)
     assert 0 < len(list_checkpoints(killed)), "no checkpoint before the kill"
     resumed = run(cmd)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
