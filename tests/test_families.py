@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from tests.test_train import (COLOURS, REPO, final_weights, flow_sets, kill_after_checkpoints, run,
+from tests.test_train import (COLOURS, REPO, assert_two_processes_match_one, final_weights, flow_sets, kill_after_checkpoints, run,
                               vgen_train_cmd, write_config)
 from tests.train_fixtures import colour_dataset, tiny_text_encoder
 from vgen.errors import ConfigError
@@ -227,11 +227,4 @@ def test_gan_torchrun_two_processes_match_one(assets, tmp_path):
     # amplifies rounding differences (about 2x a step at this size, bench/RESULTS.md), so the
     # comparison is made early.
     config = write_config(tmp_path / "c.yaml", [*gan_sets(assets, 4), "gan.r1_every=2"])
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert run(vgen_train_cmd(config, assets["data"], one)).returncode == 0
-    result = run(vgen_train_cmd(config, assets["data"], two, torchrun=2))
-    assert result.returncode == 0, result.stderr[-3000:]
-    a, b = final_weights(one), final_weights(two)
-    for k in a:
-        rel = (a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12)
-        assert rel < 1e-3, (k, float(rel))
+    assert_two_processes_match_one(config, assets["data"], tmp_path)

@@ -77,6 +77,20 @@ def kill_after_checkpoints(cmd: list[str], out: Path, count: int) -> None:
     proc.wait()
 
 
+def assert_two_processes_match_one(config: Path, data: Path, tmp_path: Path) -> Path:
+    """Train `config` in one process and under torchrun in two; every weight within 1e-3
+    (relative). Returns the two-process run dir."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run(vgen_train_cmd(config, data, one)).returncode == 0
+    result = run(vgen_train_cmd(config, data, two, torchrun=2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = final_weights(one), final_weights(two)
+    for k in a:
+        rel = (a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12)
+        assert rel < 1e-3, (k, float(rel))
+    return two
+
+
 def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env(), cwd=REPO)
 
@@ -145,14 +159,7 @@ def test_resume_after_sigkill_is_bit_identical(assets, tmp_path):
 def test_torchrun_two_processes_match_one(assets, tmp_path):
     sets = flow_sets(assets, 12)
     config = write_config(tmp_path / "c.yaml", sets)
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert run(vgen_train_cmd(config, assets["data"], one)).returncode == 0
-    result = run(vgen_train_cmd(config, assets["data"], two, torchrun=2))
-    assert result.returncode == 0, result.stderr[-3000:]
-    a, b = final_weights(one), final_weights(two)
-    for k in a:
-        rel = (a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12)
-        assert rel < 1e-3, (k, float(rel))
+    two = assert_two_processes_match_one(config, assets["data"], tmp_path)
     assert yaml.safe_load((two / "run.yaml").read_text())["environment"]["world_size"] == 2
 
 
