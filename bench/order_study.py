@@ -85,7 +85,7 @@ def train_judge(scenes: int = 12000, epochs: int = 6) -> nn.Module:
 @torch.no_grad()
 def is_right(judge: nn.Module, image: torch.Tensor, prompt: str) -> bool:
     relation, nouns = es.parse_caption(prompt)
-    predicted = [NOUNS[i] for i in judge(crop_boxes(image, es._BOXES[relation])).argmax(1).tolist()]
+    predicted = [NOUNS[i] for i in judge(crop_boxes(image, es.BOXES[relation])).argmax(1).tolist()]
     wanted = list(nouns) * 2 if relation == "two" else list(nouns)
     return predicted == wanted or (relation == "and" and predicted == wanted[::-1])
 

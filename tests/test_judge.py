@@ -1,7 +1,7 @@
-"""Tests for the emoji-scenes compositional judge (vgen/evaluate/judge.py, vgen/evaluate/twemoji.py).
+"""Tests for the emoji-scenes compositional judge (the vgen/evaluate/judge package, vgen/evaluate/twemoji.py).
 
 The judge is trained once (about a minute) into the pytest cache (.pytest_cache/d/vgen-judge) and
-reused by later runs: its cache key covers judge.py's source, the settings and the Twemoji files,
+reused by later runs: its cache key covers the judge package's source, the settings and the Twemoji files,
 so a change to any of them trains it again.
 """
 

@@ -73,7 +73,7 @@ RIGHT: Box = (33, 17, 62, 46)
 TOP: Box = (17, 2, 46, 31)
 BOTTOM: Box = (17, 33, 46, 62)
 # Boxes of the caption's first and second noun, per relation ("and" may swap them at random).
-_BOXES: dict[str, tuple[Box, ...]] = {"single": (CENTER,), "and": (LEFT, RIGHT), "left": (LEFT, RIGHT),
+BOXES: dict[str, tuple[Box, ...]] = {"single": (CENTER,), "and": (LEFT, RIGHT), "left": (LEFT, RIGHT),
                                       "right": (RIGHT, LEFT), "above": (TOP, BOTTOM),
                                       "below": (BOTTOM, TOP), "two": (LEFT, RIGHT)}
 
@@ -85,11 +85,11 @@ def is_held_out(a: str, b: str) -> bool:
 
 
 # Ordered pairs of different objects, split once so sampling never needs rejection.
-_TRAIN_PAIRS = tuple((a.noun, b.noun) for a in OBJECTS for b in OBJECTS
+TRAIN_PAIRS = tuple((a.noun, b.noun) for a in OBJECTS for b in OBJECTS
                      if a is not b and not is_held_out(a.noun, b.noun))
-_HELDOUT_PAIRS = tuple((a.noun, b.noun) for a in OBJECTS for b in OBJECTS
+HELDOUT_PAIRS = tuple((a.noun, b.noun) for a in OBJECTS for b in OBJECTS
                        if a is not b and is_held_out(a.noun, b.noun))
-_COUNTABLE = tuple(o.noun for o in OBJECTS if o.plural is not None)
+COUNTABLE = tuple(o.noun for o in OBJECTS if o.plural is not None)
 
 
 @dataclass(frozen=True)
@@ -159,10 +159,10 @@ def scene_spec(seed: int, index: int) -> Scene:
     if relation == "single":
         nouns: tuple[str, ...] = (rng.choice(OBJECTS).noun,)
     elif relation == "two":
-        nouns = (rng.choice(_COUNTABLE),)
+        nouns = (rng.choice(COUNTABLE),)
     else:
-        nouns = rng.choice(_TRAIN_PAIRS)
-    boxes = _BOXES[relation]
+        nouns = rng.choice(TRAIN_PAIRS)
+    boxes = BOXES[relation]
     if relation == "and" and rng.random() < 0.5:
         boxes = boxes[::-1]
     drawn = nouns * 2 if relation == "two" else nouns
@@ -314,9 +314,9 @@ def benchmark_prompts(split: str, per_relation: int, seed: int = 0) -> list[str]
         if relation == "single":
             pool: list[str] = [o.phrase for o in OBJECTS]
         elif relation == "two":
-            pool = [caption_for("two", (n,)) for n in _COUNTABLE]
+            pool = [caption_for("two", (n,)) for n in COUNTABLE]
         else:
-            pairs = _TRAIN_PAIRS if split == "train" else _HELDOUT_PAIRS
+            pairs = TRAIN_PAIRS if split == "train" else HELDOUT_PAIRS
             pool = [caption_for(relation, pair) for pair in pairs]
         prompts += rng.sample(pool, min(per_relation, len(pool)))
     return prompts
