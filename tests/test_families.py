@@ -30,6 +30,12 @@ def assets(tmp_path_factory):
     return {"data": colour_dataset(root), "text": tiny_text_encoder(root), "root": root}
 
 
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """Only the tiny CLIP (for the unit tests, which need no dataset)."""
+    return tiny_text_encoder(tmp_path_factory.mktemp("families-clip"))
+
+
 def gan_sets(assets, steps: int, checkpoint_every: int | None = None, every: int = 100000) -> list[str]:
     return [*TINY_GAN, f"text_encoder.source=local-dir:{assets['text']}", f"train.steps={steps}",
             f"train.checkpoint_every={checkpoint_every or steps}", f"train.val_every={every}",
@@ -50,6 +56,16 @@ def test_unknown_kind_and_network_name_the_known_ones():
     # A section of another family is not this family's key.
     with pytest.raises(ConfigError, match="unknown key 'gan'"):
         train_config_from_dict({"kind": "flow", "gan": {}})
+
+
+def test_a_family_brings_its_optimiser_defaults():
+    """A GAN config without `optim:` gets the GAN's Adam (beta1 0, no warm-up) for G, as D does,
+    not the flow family's; a key given keeps the family's defaults for the rest."""
+    gan = train_config_from_dict({"kind": "gan", "optim": {"lr": 1e-3}})
+    assert gan.optim.lr == 1e-3 and gan.optim.betas == (0.0, 0.99) and gan.optim.warmup_steps == 0
+    assert gan.gan.d_optim.betas == (0.0, 0.99)
+    flow = train_config_from_dict({"kind": "flow"})
+    assert flow.optim.betas == (0.9, 0.99) and flow.optim.warmup_steps == 100
 
 
 def test_old_run_configs_still_read_back():
@@ -148,6 +164,62 @@ def test_diff_augment_known_answers():
     x.requires_grad_(True)
     diff_augment(x, torch.rand(2, 7), ["color", "translation", "cutout"]).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_clip_feature_discriminator_is_frozen_and_reads_the_caption(tiny_clip):
+    """backbone: clip: the CLIP image tower is D's frozen feature network (no trainable parameter,
+    eval mode in training), its heads train, the image gets a gradient, and the caption changes
+    the logit."""
+    from vgen.families import build_family
+
+    cfg = train_config_from_dict({"kind": "gan", "text_encoder": {"source": f"local-dir:{tiny_clip}"},
+                                  "gan": {"image_size": 16, "discriminator": {"backbone": "clip", "head_width": 16,
+                                                                              "clip_blocks": [0]}}})
+    family = build_family(cfg, 16, torch.device("cpu"))
+    d = family.model.d
+    assert type(d).__name__ == "ClipFeatureDiscriminator"
+    trainable = {n for n, p in d.named_parameters() if p.requires_grad}
+    assert trainable and not any(n.startswith("visual.") for n in trainable)
+    assert all(not p.requires_grad for p in d.visual.parameters())
+    d.train()
+    assert d.training and not d.visual.training
+    for p in d.parameters():  # heads start at random; make the projection term matter
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.3)
+    images = torch.rand(2, 3, 16, 16, requires_grad=True)
+    text = family.model.g.encode_text(["red", "blue"])
+    logits = d(images * 2 - 1, text)
+    assert logits.shape == (2,)
+    logits.sum().backward()
+    assert images.grad.abs().sum() > 0
+    swapped = d(images * 2 - 1, family.model.g.encode_text(["blue", "red"]))
+    assert not torch.allclose(logits, swapped)
+    bad = train_config_from_dict({"kind": "gan", "text_encoder": {"source": f"local-dir:{tiny_clip}"},
+                                  "gan": {"image_size": 16, "discriminator": {"backbone": "clip", "clip_blocks": [7]}}})
+    with pytest.raises(ConfigError, match=r"clip_blocks: \[7\] not in 0\.\."):
+        build_family(bad, 16, torch.device("cpu"))
+
+
+def test_r1_and_clip_guidance_through_the_clip_tower(tiny_clip):
+    """backbone conv+clip: the R1 step differentiates twice through the CLIP tower's attention (the
+    fused kernels cannot), and CLIP guidance adds its distance to G's loss."""
+    from vgen.families import build_family
+
+    cfg = train_config_from_dict({"kind": "gan", "text_encoder": {"source": f"local-dir:{tiny_clip}"},
+                                  "gan": {"image_size": 16, "r1_every": 1, "clip_guidance": 1.0,
+                                          "generator": {"width": 32, "z_dim": 8},
+                                          "discriminator": {"backbone": "conv+clip", "width": 8, "head_width": 8}}})
+    family = build_family(cfg, 16, torch.device("cpu"))
+    torch.manual_seed(0)
+    batch = {"real": torch.rand(2, 3, 16, 16) * 2 - 1, "captions": ["red", "blue"], "wrong_captions": ["blue", "red"],
+             "z": torch.randn(2, 8), "augment": torch.rand(2, 4, 7)}
+    loss, logs = family.d_loss(family.model.d, batch, 0)
+    loss.backward()
+    assert logs["r1"] > 0 and all(p.grad is not None for p in family.model.d.conv.parameters())
+    loss, logs = family.g_loss(family.model.g, batch, 0)
+    assert 0 < logs["clip_distance"] <= torch.pi ** 2
+    with pytest.raises(ConfigError, match="clip_guidance needs discriminator.backbone"):
+        train_config_from_dict({"kind": "gan", "gan": {"clip_guidance": 1.0}})
 
 
 @pytest.mark.slow

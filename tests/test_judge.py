@@ -134,7 +134,7 @@ def test_cache_is_reused(judge, pytestconfig, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("the cached judge should have been used")
 
-    monkeypatch.setattr(J, "_train_network", no_training)
+    monkeypatch.setattr("vgen.evaluate.judge.cache.train_network", no_training)
     again = J.load_judge(cache_dir=pytestconfig.cache.mkdir("vgen-judge"))
     assert again.info["source"] == "cache" and again.id == judge.id
     assert again.info["weights"]["sha256"] == judge.info["weights"]["sha256"]

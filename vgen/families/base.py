@@ -18,6 +18,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from vgen.families.config import OptimConfig
+
 DEFAULT_SAMPLE_PROMPTS = ["a cat and a dog", "a cat above a dog", "two fish", "an apple to the left of a car"]
 
 # What a sampler may support; `vgen generate` refuses a flag whose capability the family lacks.
@@ -58,6 +60,7 @@ class Family:
     kind: ClassVar[str]
     section: ClassVar[str | None] = None  # the family's config section (e.g. "flow"), or None
     Config: ClassVar[type | None] = None  # its dataclass
+    Optim: ClassVar[type] = OptimConfig  # the `optim:` section's dataclass: its defaults are the family's
     uses_text_encoder: ClassVar[bool] = True  # whether the config has a `text_encoder` section
     supports: ClassVar[frozenset[str]] = frozenset()  # keys of SAMPLER_OPTIONS the sampler takes
     samplers: ClassVar[tuple[str, ...]] = ()  # the values --sampler takes, if it takes one

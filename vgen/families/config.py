@@ -85,7 +85,7 @@ def config_class(kind: str) -> type:
         fields.append(("text_encoder", TextEncoderConfig, field(default_factory=TextEncoderConfig)))
     if family.section:
         fields.append((family.section, family.Config, field(default_factory=family.Config)))
-    fields += [("optim", OptimConfig, field(default_factory=OptimConfig)),
+    fields += [("optim", family.Optim, field(default_factory=family.Optim)),
                ("ema", EmaConfig, field(default_factory=EmaConfig)),
                ("train", LoopConfig, field(default_factory=LoopConfig))]
     return dataclasses.make_dataclass(f"{family.__name__.removesuffix('Family')}TrainConfig", fields)

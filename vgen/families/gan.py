@@ -15,6 +15,7 @@ random choice (z, the wrong caption, the augmentation parameters) comes from (se
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vgen.atomic import atomic_path
 from vgen.config import bounded, check_bounds
@@ -31,7 +33,8 @@ from vgen.families.base import DEFAULT_SAMPLE_PROMPTS, Family, Phase, SampleSett
 from vgen.families.config import OptimConfig
 from vgen.grid import images_to_float, make_grid, to_uint8
 from vgen.models.conditioned import TextConditioned
-from vgen.models.gan import Discriminator, DiscriminatorConfig, Generator, GeneratorConfig
+from vgen.models.gan import (ClipFeatureDiscriminator, Discriminator, DiscriminatorConfig, Generator, GeneratorConfig,
+                             SumDiscriminator)
 from vgen.randomness import STREAM_CAPTION, STREAM_SAMPLE, STREAM_VALIDATION, generator, initial_noise, mix_seed
 
 AUGMENTS = ("translation", "cutout", "color")
@@ -40,8 +43,14 @@ VIEW_REAL, VIEW_FAKE_D, VIEW_FAKE_G, VIEW_WRONG = range(4)
 STREAM_WRONG_CAPTION = 101  # vgen.randomness streams 1-4 are the loop's; a family's own start here
 
 
-def _gan_d_optim() -> OptimConfig:
-    return OptimConfig(lr=2e-3, betas=(0.0, 0.99), warmup_steps=0)
+@dataclass
+class GanOptimConfig(OptimConfig):
+    """The defaults of both GAN optimisers (`optim:` for G, `gan.d_optim:` for D): StyleGAN2's Adam
+    (Karras et al. 2020): beta1 0, a high learning rate, no warm-up."""
+
+    lr: float = bounded(2e-3, gt=0)
+    betas: tuple[float, float] = bounded((0.0, 0.99), ge=0, lt=1)
+    warmup_steps: int = bounded(0, ge=0)
 
 
 @dataclass
@@ -55,12 +64,18 @@ class GanConfig:
     r1_gamma: float = bounded(0.1, ge=0)  # 0: no R1
     r1_every: int = bounded(16, ge=1)  # lazy regularisation: R1 on every k-th step, scaled by k
     augment: list[str] = field(default_factory=lambda: list(AUGMENTS))  # DiffAugment policy ([]: none)
-    d_optim: OptimConfig = field(default_factory=_gan_d_optim)  # the discriminator's AdamW (G's: `optim`)
+    # CLIP guidance (StyleGAN-T, Sauer et al. 2023, sec. 3.3): G also minimises this weight times the
+    # squared spherical distance between the CLIP image embedding of its (augmented) image and the
+    # caption's text embedding. Needs discriminator.backbone clip, whose tower gives the embedding.
+    clip_guidance: float = bounded(0.0, ge=0)
+    d_optim: GanOptimConfig = field(default_factory=GanOptimConfig)  # the discriminator's AdamW (G's: `optim`)
     sample_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_SAMPLE_PROMPTS))
     sample_seeds: int = bounded(4, ge=1)
 
     def __post_init__(self) -> None:
         check_bounds(self)
+        if self.clip_guidance > 0 and "clip" not in self.discriminator.backbone:
+            raise ValueError("clip_guidance needs discriminator.backbone: clip (its CLIP image tower embeds G's images)")
         unknown = [a for a in self.augment if a not in AUGMENTS]
         if unknown:
             raise ValueError(f"augment: unknown {', '.join(unknown)}; expected some of {', '.join(AUGMENTS)}")
@@ -121,23 +136,46 @@ class GanFamily(Family):
     kind = "gan"
     section = "gan"
     Config = GanConfig
+    Optim = GanOptimConfig
     supports = frozenset()  # one network call from (z, caption): no steps, sampler, guidance or editing
 
     def __init__(self, cfg, resolution: int, device: torch.device):
-        from vgen.text.encoder import load_text_encoder
+        from vgen.text.encoder import TextEncoder
+        from vgen.text.sources import load_open_clip
 
         super().__init__(cfg, resolution, device)
-        gan = cfg.gan
+        gan, te = cfg.gan, cfg.text_encoder
         if resolution is not None and gan.image_size != resolution:
             raise ConfigError(f"gan.image_size is {gan.image_size} but the dataset is {resolution} px; "
                               f"set --set gan.image_size={resolution}")
-        encoder = load_text_encoder(cfg.text_encoder).to(device)
+        clip = load_open_clip(te)
+        encoder = TextEncoder(clip, te.mode, te.lora_rank, te.lora_alpha).to(device)
         try:
             g = Generator(gan.generator, gan.image_size, gan.channels, encoder.width, encoder.embed_dim)
+            d = self._discriminator(gan, clip, encoder)
         except ValueError as e:
             raise ConfigError(f"gan: {e}") from None
-        d = Discriminator(gan.discriminator, gan.image_size, gan.channels, encoder.width, encoder.embed_dim)
         self.model = GanModel(GanGenerator(g, encoder), d).to(device)
+
+    @staticmethod
+    def _discriminator(gan: GanConfig, clip, encoder) -> nn.Module:
+        backbone = gan.discriminator.backbone
+        conv = Discriminator(gan.discriminator, gan.image_size, gan.channels, encoder.width, encoder.embed_dim) \
+            if "conv" in backbone.split("+") else None
+        if backbone == "conv":
+            return conv
+        import open_clip
+
+        if gan.channels != 3:
+            raise ValueError(f"discriminator.backbone clip needs RGB images (channels 3), got channels {gan.channels}")
+        visual = getattr(clip.model, "visual", None)
+        if not hasattr(visual, "forward_intermediates") or not hasattr(visual, "transformer"):
+            raise ValueError(f"discriminator.backbone clip needs a ViT image tower; {clip.id} has {type(visual).__name__}")
+        preprocess = open_clip.get_model_preprocess_cfg(clip.model)
+        mean = preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN)
+        std = preprocess.get("std", open_clip.OPENAI_DATASET_STD)
+        clip_d = ClipFeatureDiscriminator(gan.discriminator, visual, mean, std, encoder.width, encoder.embed_dim)
+        return clip_d if conv is None else SumDiscriminator(conv, clip_d)
 
     def ema_target(self) -> nn.Module:
         return self.model.g
@@ -195,7 +233,10 @@ class GanFamily(Family):
         if gan.mismatch_weight > 0:
             views.append(self._augment(batch["real"], batch, VIEW_WRONG))
             texts.append(g.encode_text(batch["wrong_captions"]))
-        logits = d(torch.cat(views), type(text)(*(torch.cat(parts) for parts in zip(*texts))))
+        # R1 differentiates D's gradient once more; PyTorch's fused attention kernels (which open_clip's
+        # tower uses, backbone clip) have no second derivative, the plain math form has.
+        with sdpa_kernel([SDPBackend.MATH]) if r1_step else contextlib.nullcontext():
+            logits = d(torch.cat(views), type(text)(*(torch.cat(parts) for parts in zip(*texts))))
         parts = logits.chunk(len(views))
         real_logits, fake_logits = parts[0], parts[1]
         if gan.loss == "ns":  # softplus(-x) = -log sigmoid(x)
@@ -219,9 +260,19 @@ class GanFamily(Family):
         fake = g(batch["z"], batch["captions"])
         with torch.no_grad():  # D judges the caption; the text encoder learns only through G
             text = self.model.g.encode_text(batch["captions"])
-        logits = self.model.d(self._augment(fake, batch, VIEW_FAKE_G), text)
-        loss = F.softplus(-logits).mean() if self.cfg.gan.loss == "ns" else -logits.mean()
-        return loss, {}
+        gan = self.cfg.gan
+        if gan.clip_guidance > 0:
+            logits, image = self.model.d(self._augment(fake, batch, VIEW_FAKE_G), text, image_embedding=True)
+        else:
+            logits = self.model.d(self._augment(fake, batch, VIEW_FAKE_G), text)
+        loss = F.softplus(-logits).mean() if gan.loss == "ns" else -logits.mean()
+        logs = {}
+        if gan.clip_guidance > 0:
+            cos = F.cosine_similarity(image, text.pooled.float(), dim=-1)
+            distance = torch.arccos(cos.clamp(-1 + 1e-6, 1 - 1e-6)).pow(2).mean()
+            loss = loss + gan.clip_guidance * distance
+            logs["clip_distance"] = distance.detach()
+        return loss, logs
 
     # --- validation, samples, export ---
     @torch.no_grad()

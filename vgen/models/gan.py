@@ -6,16 +6,24 @@ norm), starting from a learned 4x4 tensor and doubling the size per block; at th
 the pixels cross-attend to the text tokens, as GigaGAN (Kang et al. 2023, arXiv:2303.05511) does,
 so that which object goes where can depend on the words and their order.
 
-Discriminator: residual downsampling convolutions to a feature vector h, then the projection of
-Miyato & Koyama ("cGANs with Projection Discriminator", 2018, arXiv:1802.05637):
+Discriminator (`backbone: conv`): residual downsampling convolutions to a feature vector h, then
+the projection of Miyato & Koyama ("cGANs with Projection Discriminator", 2018, arXiv:1802.05637):
 logit = w . h + <c(text), h>, with c from the pooled text embedding plus an attention pooling of the
 text tokens (queried by h), so the discriminator can tell a mismatched caption from the right one.
+
+Discriminator (`backbone: clip`): the frozen image tower of the run's own CLIP as the feature
+network, as Projected GAN (Sauer et al. 2021, arXiv:2111.01007) and StyleGAN-T (Sauer et al. 2023,
+arXiv:2301.09515) use pretrained features: small trainable convolutional heads on the token grids
+of several of its blocks, each with the same projection per token (c per token from the pooled text
+plus the token's own attention over the text tokens). A pretrained feature space gives G useful
+gradients from the first steps, where a discriminator learned from scratch first has to learn to see.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,12 +49,19 @@ class GeneratorConfig:
 
 @dataclass
 class DiscriminatorConfig:
-    width: int = bounded(64, ge=8)  # channels at full size; doubled (to at most 4x) at each halving
+    # conv: learned from scratch on the pixels; clip: heads on the frozen CLIP image tower's tokens;
+    # conv+clip: both, their logits added (shapes from the pixels, meaning from the CLIP features)
+    backbone: Literal["conv", "clip", "conv+clip"] = "conv"
+    width: int = bounded(64, ge=8)  # conv: channels at full size, doubled (to at most 4x) at each halving
+    head_width: int = bounded(64, ge=8)  # clip: channels of each head on the CLIP tokens
+    clip_blocks: list[int] = field(default_factory=list)  # clip: which tower blocks feed a head ([]: every block)
     token_pooling: bool = True  # c also attends over the text tokens (else: the pooled embedding alone)
     text_lexical: bool = False  # the tokens it attends over include the tower's input embeddings
 
     def __post_init__(self) -> None:
         check_bounds(self)
+        if self.backbone not in ("conv", "clip", "conv+clip"):
+            raise ValueError(f"backbone: expected conv, clip or conv+clip, got {self.backbone!r}")
 
 
 def _channels(width: int, size: int) -> int:
@@ -125,7 +140,8 @@ class Generator(TextRefinement, nn.Module):
             if str(x.shape[-1]) in self.attention:
                 x = self.attention[str(x.shape[-1])](x, text, mask)
         # A linear output, as StyleGAN's (clamped to [-1, 1] only when saved): a tanh saturates on
-        # the white backgrounds of emoji scenes, and a saturated generator gets no gradient.
+        # the white backgrounds of emoji scenes, and a saturated generator gets no gradient
+        # (bench/RESULTS.md: every image white by step 250-500, with either discriminator).
         return self.to_rgb(x)
 
 
@@ -158,12 +174,7 @@ class Discriminator(nn.Module):
         self.final = nn.Conv2d(ch, ch, 3, padding=1)
         self.features = nn.Linear(ch * 4 * 4, ch)
         self.unconditional = nn.Linear(ch, 1)
-        self.pooled_proj = nn.Sequential(nn.LayerNorm(pooled_width), nn.Linear(pooled_width, ch))
-        if cfg.token_pooling:
-            if cfg.text_lexical:
-                self.text_lexical = nn.Sequential(nn.LayerNorm(text_width, eps=1e-6), nn.Linear(text_width, text_width))
-            self.token_norm = nn.LayerNorm(text_width, eps=1e-6)
-            self.token_pool = Attention(ch, 1, context_width=text_width)
+        self.projection = TextProjection(cfg, ch, text_width, pooled_width)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         h = F.leaky_relu(self.inp(images), 0.2)
@@ -174,10 +185,92 @@ class Discriminator(nn.Module):
 
     def forward(self, images: torch.Tensor, features) -> torch.Tensor:
         h = self.embed(images)
-        c = self.pooled_proj(features.pooled.to(h.dtype))
+        c = self.projection(h[:, None], features)[:, 0]
+        return (self.unconditional(h)[:, 0] + (c * h).sum(dim=1) / math.sqrt(h.shape[1])).float()
+
+
+class TextProjection(nn.Module):
+    """c(text, h) for the projection term <c, h>: the pooled text embedding projected to h's width,
+    plus (token_pooling) an attention of each h over the text tokens."""
+
+    def __init__(self, cfg: DiscriminatorConfig, width: int, text_width: int, pooled_width: int):
+        super().__init__()
+        self.cfg = cfg
+        self.pooled_proj = nn.Sequential(nn.LayerNorm(pooled_width), nn.Linear(pooled_width, width))
+        if cfg.token_pooling:
+            if cfg.text_lexical:
+                self.text_lexical = nn.Sequential(nn.LayerNorm(text_width, eps=1e-6), nn.Linear(text_width, text_width))
+            self.token_norm = nn.LayerNorm(text_width, eps=1e-6)
+            self.token_pool = Attention(width, 1, context_width=text_width)
+
+    def forward(self, h: torch.Tensor, features) -> torch.Tensor:
+        """h [B, N, width] -> c [B, N, width]."""
+        c = self.pooled_proj(features.pooled.to(h.dtype))[:, None]
         if self.cfg.token_pooling:
             tokens = features.tokens
             if self.cfg.text_lexical:
                 tokens = tokens + self.text_lexical(features.embeddings.to(tokens.dtype))
-            c = c + self.token_pool(h[:, None], self.token_norm(tokens.to(h.dtype)), features.mask)[:, 0]
-        return (self.unconditional(h)[:, 0] + (c * h).sum(dim=1) / math.sqrt(h.shape[1])).float()
+            c = c + self.token_pool(h, self.token_norm(tokens.to(h.dtype)), features.mask)
+        return c
+
+
+class ClipFeatureDiscriminator(nn.Module):
+    """logit = D(image, text) on the frozen CLIP image tower `visual` (an open_clip VisionTransformer):
+    per chosen block, a head of two 3x3 convolutions over the block's token grid, and per token
+    w . h + <c(text, h), h>; the logit is the sum over heads of the mean over tokens."""
+
+    def __init__(self, cfg: DiscriminatorConfig, visual: nn.Module, mean, std, text_width: int, pooled_width: int):
+        super().__init__()
+        self.cfg = cfg
+        self.visual = visual.requires_grad_(False)
+        self.input_size = int(visual.image_size[0] if isinstance(visual.image_size, tuple) else visual.image_size)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        n_blocks = len(visual.transformer.resblocks)
+        self.blocks = list(cfg.clip_blocks) or list(range(n_blocks))
+        bad = [b for b in self.blocks if not 0 <= b < n_blocks]
+        if bad:
+            raise ValueError(f"discriminator.clip_blocks: {bad} not in 0..{n_blocks - 1} (the CLIP image tower has {n_blocks} blocks)")
+        tower_width, w = int(visual.transformer.width), cfg.head_width
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(tower_width, w, 3, padding=1), nn.LeakyReLU(0.2),
+                          nn.Conv2d(w, w, 3, padding=1), nn.LeakyReLU(0.2)) for _ in self.blocks)
+        self.unconditional = nn.ModuleList(nn.Linear(w, 1) for _ in self.blocks)
+        self.projection = nn.ModuleList(TextProjection(cfg, w, text_width, pooled_width) for _ in self.blocks)
+
+    def train(self, mode: bool = True) -> ClipFeatureDiscriminator:
+        super().train(mode)
+        self.visual.train(False)  # a frozen feature network: always eval mode
+        return self
+
+    def forward(self, images: torch.Tensor, features, image_embedding: bool = False):
+        """The logits [B]; with image_embedding, also the CLIP image embedding [B, embed_dim] of the
+        same forward pass (for CLIP guidance, vgen.families.gan)."""
+        x = (images + 1) / 2  # [-1, 1] -> [0, 1], then CLIP's own normalisation
+        if x.shape[-1] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        out = self.visual.forward_intermediates(x, indices=self.blocks, intermediates_only=not image_embedding,
+                                                output_fmt="NCHW")
+        grids = out["image_intermediates"]
+        logit = 0.0
+        for grid, head, unconditional, projection in zip(grids, self.heads, self.unconditional, self.projection):
+            h = head(grid).flatten(2).transpose(1, 2)  # [B, tokens, width]
+            c = projection(h, features)
+            per_token = unconditional(h)[..., 0] + (c * h).sum(dim=-1) / math.sqrt(h.shape[-1])
+            logit = logit + per_token.mean(dim=1)
+        return (logit.float(), out["image_features"].float()) if image_embedding else logit.float()
+
+
+class SumDiscriminator(nn.Module):
+    """`backbone: conv+clip`: logit = conv(image, text) + clip(image, text)."""
+
+    def __init__(self, conv: Discriminator, clip: ClipFeatureDiscriminator):
+        super().__init__()
+        self.conv, self.clip = conv, clip
+
+    def forward(self, images: torch.Tensor, features, image_embedding: bool = False):
+        out = self.clip(images, features, image_embedding)
+        if image_embedding:
+            return self.conv(images, features) + out[0], out[1]
+        return self.conv(images, features) + out
