@@ -195,7 +195,7 @@ def train(
 
 @app.command()
 def generate(
-    run: Annotated[Path, typer.Option("--run", "-r", help="Run dir of a `vgen train` flow run (holds run.yaml).")],
+    run: Annotated[Path, typer.Option("--run", "-r", help="Run dir of a `vgen train` generator run, any family (holds run.yaml).")],
     prompts: Annotated[Optional[list[str]], typer.Argument(help="Prompts; '-' reads them from stdin, one per line.",
                                                            show_default=False)] = None,
     prompt_file: Annotated[Optional[str], typer.Option("--prompts", help="File of prompts, one per line; '-' for stdin.")] = None,
@@ -217,7 +217,7 @@ def generate(
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier generation at --out.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout (and nothing else there).")] = False,
 ) -> None:
-    """Generate images from a trained flow run: one PNG per image (prompt, seed and settings in its
+    """Generate images from a trained generator run (flow, GAN, ...): one PNG per image (prompt, seed and settings in its
     metadata), generation.yaml, and with --grid a contact sheet.
 
     The same prompt, seed and settings give the same pixels whatever --batch-size. Human output goes
@@ -266,7 +266,7 @@ def evaluate(
                                                       show_default=False)] = None,
     data: Annotated[Path, typer.Option("--data", "-d", help="Dataset dir (vgen preprocess): its val split is the reference set.")] = ...,
     out: Annotated[Path, typer.Option("--out", "-o", help="Evaluation dir to write: evaluation.yaml, report.html, images/.")] = ...,
-    run: Annotated[Optional[Path], typer.Option("--run", "-r", help="A flow run to evaluate on --benchmark (generates the images itself).")] = None,
+    run: Annotated[Optional[Path], typer.Option("--run", "-r", help="A generator run (any family) to evaluate on --benchmark (generates the images itself).")] = None,
     benchmark: Annotated[Optional[str], typer.Option(help="With --run: the benchmark whose prompts to generate (emoji-scenes).")] = None,
     metrics: Annotated[Optional[str], typer.Option(help="Comma-separated: fid,kid,precision-recall,fd-clip,kid-clip,clip-score,compositional,memorization \\[default: all].")] = None,
     clip: Annotated[Optional[str], typer.Option(help="CLIP for FD/KID[clip] and CLIP score: run:PATH, local-dir:PATH, ... \\[default: the generator's text encoder].")] = None,
