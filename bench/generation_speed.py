@@ -3,8 +3,10 @@ sampling path (vgen.generate.sample_images with the request `vgen generate` woul
 own defaults for steps, sampler and guidance, batch size 16), and each run's ratio to the first.
 
 Only the sampling is timed (text features, the family's sampler, the network calls, to uint8), not
-PNG writing, which is the same for every family. Each run draws --images images (the benchmark's
-prompts in turn, seeds 0..N-1) once to warm up, then --repeats times; the best time counts.
+PNG writing, which is the same for every family. The text encoder's per-caption cache is emptied
+before each timed draw, so every draw encodes its prompts, as a fresh `vgen generate` does. Each
+run draws one batch to warm up, then --images images (the benchmark's prompts in turn, seeds
+0..N-1) --repeats times; the best time counts.
 The runs take turns in each repeat, so a slower minute of a shared machine does not favour one.
 
     python bench/generation_speed.py demo/model demo/gan          # flow default vs the GAN
@@ -27,6 +29,7 @@ from vgen.runs import load_run
 def timed_draw(gen, request: GenerationRequest, prompts: list[str]) -> float:
     """Seconds to draw len(prompts) images in batches of request.batch_size."""
     seeds = list(range(len(prompts)))
+    gen.model.text_encoder.clear_cache()
     if gen.device.type == "cuda":
         torch.cuda.synchronize(gen.device)
     start = time.perf_counter()

@@ -178,8 +178,8 @@ def test_clip_feature_discriminator_is_frozen_and_reads_the_caption(tiny_clip):
     family = build_family(cfg, 16, torch.device("cpu"))
     d = family.model.d
     assert type(d).__name__ == "ClipFeatureDiscriminator"
-    trainable = {n for n, p in d.named_parameters() if p.requires_grad}
-    assert trainable and not any(n.startswith("visual.") for n in trainable)
+    # The frozen tower is outside the module tree: not trained, not in D's weights.
+    assert all(p.requires_grad for p in d.parameters()) and not any(k.startswith("visual.") for k in d.state_dict())
     assert all(not p.requires_grad for p in d.visual.parameters())
     d.train()
     assert d.training and not d.visual.training
@@ -196,8 +196,24 @@ def test_clip_feature_discriminator_is_frozen_and_reads_the_caption(tiny_clip):
     assert not torch.allclose(logits, swapped)
     bad = train_config_from_dict({"kind": "gan", "text_encoder": {"source": f"local-dir:{tiny_clip}"},
                                   "gan": {"image_size": 16, "discriminator": {"backbone": "clip", "clip_blocks": [7]}}})
-    with pytest.raises(ConfigError, match=r"clip_blocks: \[7\] not in 0\.\."):
+    with pytest.raises(ConfigError, match=r"clip_blocks: \[7\] must be distinct, increasing block indices in 0\.\.0"):
         build_family(bad, 16, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="clip_blocks is for backbone clip"):
+        train_config_from_dict({"kind": "gan", "gan": {"discriminator": {"clip_blocks": [0]}}})
+
+
+def test_conv_discriminator_reads_checkpoints_from_before_text_projection(tiny_clip):
+    """The conv D's text layers moved under `projection.`; a state dict with the old names loads."""
+    from vgen.families import build_family
+
+    cfg = train_config_from_dict({"kind": "gan", "text_encoder": {"source": f"local-dir:{tiny_clip}"},
+                                  "gan": {"image_size": 16, "discriminator": {"width": 8}}})
+    d = build_family(cfg, 16, torch.device("cpu")).model.d
+    new = {k: v.clone() for k, v in d.state_dict().items()}
+    old = {k.removeprefix("projection."): v.clone() + 1 for k, v in new.items()}
+    assert any(k.startswith("token_pool.") for k in old)
+    d.load_state_dict(old)
+    assert all(torch.equal(d.state_dict()[k], v + 1) for k, v in new.items())
 
 
 def test_r1_and_clip_guidance_through_the_clip_tower(tiny_clip):
@@ -215,9 +231,16 @@ def test_r1_and_clip_guidance_through_the_clip_tower(tiny_clip):
              "z": torch.randn(2, 8), "augment": torch.rand(2, 4, 7)}
     loss, logs = family.d_loss(family.model.d, batch, 0)
     loss.backward()
-    assert logs["r1"] > 0 and all(p.grad is not None for p in family.model.d.conv.parameters())
-    loss, logs = family.g_loss(family.model.g, batch, 0)
-    assert 0 < logs["clip_distance"] <= torch.pi ** 2
+    assert logs["r1"] > 0 and all(p.grad is not None for p in family.model.d.parameters())
+    # Guidance reaches G: its gradient differs from the adversarial term's alone.
+    grads = []
+    for weight in (0.0, 1.0):
+        family.cfg.gan.clip_guidance = weight
+        family.model.g.zero_grad()
+        loss, logs = family.g_loss(family.model.g, batch, 0)
+        loss.backward()
+        grads.append(family.model.g.generator.to_rgb.weight.grad.clone())
+    assert 0 < logs["clip_distance"] <= torch.pi ** 2 and not torch.allclose(grads[0], grads[1])
     with pytest.raises(ConfigError, match="clip_guidance needs discriminator.backbone"):
         train_config_from_dict({"kind": "gan", "gan": {"clip_guidance": 1.0}})
 

@@ -174,7 +174,8 @@ class GanFamily(Family):
         preprocess = open_clip.get_model_preprocess_cfg(clip.model)
         mean = preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN)
         std = preprocess.get("std", open_clip.OPENAI_DATASET_STD)
-        clip_d = ClipFeatureDiscriminator(gan.discriminator, visual, mean, std, encoder.width, encoder.embed_dim)
+        clip_d = ClipFeatureDiscriminator(gan.discriminator, visual.to(encoder.device), mean, std, encoder.width,
+                                          encoder.embed_dim)
         return clip_d if conv is None else SumDiscriminator(conv, clip_d)
 
     def ema_target(self) -> nn.Module:

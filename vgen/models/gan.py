@@ -62,6 +62,8 @@ class DiscriminatorConfig:
         check_bounds(self)
         if self.backbone not in ("conv", "clip", "conv+clip"):
             raise ValueError(f"backbone: expected conv, clip or conv+clip, got {self.backbone!r}")
+        if self.clip_blocks and "clip" not in self.backbone:
+            raise ValueError(f"clip_blocks is for backbone clip or conv+clip; backbone is {self.backbone}")
 
 
 def _channels(width: int, size: int) -> int:
@@ -159,6 +161,13 @@ class DownBlock(nn.Module):
         return (F.avg_pool2d(self.skip(x), 2) + F.avg_pool2d(h, 2)) / math.sqrt(2)
 
 
+def _moved_projection_keys(state_dict, prefix, *args) -> None:
+    """Checkpoints of vgen before TextProjection held the conv D's text layers at its top level."""
+    for name in ("pooled_proj.", "text_lexical.", "token_norm.", "token_pool."):
+        for key in [k for k in state_dict if k.startswith(prefix + name)]:
+            state_dict[prefix + "projection." + key[len(prefix):]] = state_dict.pop(key)
+
+
 class Discriminator(nn.Module):
     """logit = D(image, text): w . h + <c(text, h), h>."""
 
@@ -175,6 +184,7 @@ class Discriminator(nn.Module):
         self.features = nn.Linear(ch * 4 * 4, ch)
         self.unconditional = nn.Linear(ch, 1)
         self.projection = TextProjection(cfg, ch, text_width, pooled_width)
+        self._register_load_state_dict_pre_hook(_moved_projection_keys)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         h = F.leaky_relu(self.inp(images), 0.2)
@@ -214,6 +224,12 @@ class TextProjection(nn.Module):
         return c
 
 
+def _dropped_tower_keys(state_dict, prefix, *args) -> None:
+    """The first checkpoints with this discriminator also saved the frozen tower (`visual.*`)."""
+    for key in [k for k in state_dict if k.startswith(prefix + "visual.")]:
+        del state_dict[key]
+
+
 class ClipFeatureDiscriminator(nn.Module):
     """logit = D(image, text) on the frozen CLIP image tower `visual` (an open_clip VisionTransformer):
     per chosen block, a head of two 3x3 convolutions over the block's token grid, and per token
@@ -222,36 +238,36 @@ class ClipFeatureDiscriminator(nn.Module):
     def __init__(self, cfg: DiscriminatorConfig, visual: nn.Module, mean, std, text_width: int, pooled_width: int):
         super().__init__()
         self.cfg = cfg
-        self.visual = visual.requires_grad_(False)
+        # Held outside the module tree, as a frozen text encoder is (vgen.models.conditioned): not
+        # trained, not saved with D's weights (it is the run's CLIP, recorded by its source), not
+        # wrapped by DDP; always in eval mode, on the device it was given on.
+        object.__setattr__(self, "visual", visual.requires_grad_(False).eval())
         self.input_size = int(visual.image_size[0] if isinstance(visual.image_size, tuple) else visual.image_size)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         n_blocks = len(visual.transformer.resblocks)
         self.blocks = list(cfg.clip_blocks) or list(range(n_blocks))
-        bad = [b for b in self.blocks if not 0 <= b < n_blocks]
-        if bad:
-            raise ValueError(f"discriminator.clip_blocks: {bad} not in 0..{n_blocks - 1} (the CLIP image tower has {n_blocks} blocks)")
+        # open_clip returns the grids in block order, one per block: a head per grid, in that order.
+        if any(not 0 <= b < n_blocks for b in self.blocks) or self.blocks != sorted(set(self.blocks)):
+            raise ValueError(f"discriminator.clip_blocks: {cfg.clip_blocks} must be distinct, increasing block indices "
+                             f"in 0..{n_blocks - 1} (the CLIP image tower has {n_blocks} blocks)")
         tower_width, w = int(visual.transformer.width), cfg.head_width
         self.heads = nn.ModuleList(
             nn.Sequential(nn.Conv2d(tower_width, w, 3, padding=1), nn.LeakyReLU(0.2),
                           nn.Conv2d(w, w, 3, padding=1), nn.LeakyReLU(0.2)) for _ in self.blocks)
         self.unconditional = nn.ModuleList(nn.Linear(w, 1) for _ in self.blocks)
         self.projection = nn.ModuleList(TextProjection(cfg, w, text_width, pooled_width) for _ in self.blocks)
-
-    def train(self, mode: bool = True) -> ClipFeatureDiscriminator:
-        super().train(mode)
-        self.visual.train(False)  # a frozen feature network: always eval mode
-        return self
+        self._register_load_state_dict_pre_hook(_dropped_tower_keys)
 
     def forward(self, images: torch.Tensor, features, image_embedding: bool = False):
         """The logits [B]; with image_embedding, also the CLIP image embedding [B, embed_dim] of the
         same forward pass (for CLIP guidance, vgen.families.gan)."""
-        x = (images + 1) / 2  # [-1, 1] -> [0, 1], then CLIP's own normalisation
+        x = (images.float() + 1) / 2  # [-1, 1] -> [0, 1] (fp32, not a bf16 image's), then CLIP's normalisation
         if x.shape[-1] != self.input_size:
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
-        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        x = (x - self.mean) / self.std
         out = self.visual.forward_intermediates(x, indices=self.blocks, intermediates_only=not image_embedding,
-                                                output_fmt="NCHW")
+                                                stop_early=not image_embedding, output_fmt="NCHW")
         grids = out["image_intermediates"]
         logit = 0.0
         for grid, head, unconditional, projection in zip(grids, self.heads, self.unconditional, self.projection):
