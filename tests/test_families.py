@@ -110,13 +110,14 @@ def test_dependencies_run_one_way():
 # --- networks ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["dit", "unet"])
-def test_networks_share_one_signature_and_start_at_zero(kind):
+@pytest.mark.parametrize("kind, settings", [("dit", {"patch_size": 4, "width": 32, "depth": 1, "heads": 2}),
+                                             ("unet", {"width": 16, "heads": 2}),
+                                             ("unet", {"width": 16, "heads": 2, "patch_size": 2})])
+def test_networks_share_one_signature_and_start_at_zero(kind, settings):
     from vgen.models import NETWORK_CONFIGS, build_network
     from vgen.text.encoder import TextFeatures
 
-    cfg = NETWORK_CONFIGS[kind](image_size=16, **({"patch_size": 4, "width": 32, "depth": 1, "heads": 2}
-                                                  if kind == "dit" else {"width": 16, "heads": 2}))
+    cfg = NETWORK_CONFIGS[kind](image_size=16, **settings)
     torch.manual_seed(0)
     net = build_network(cfg, 24, 12)
     text = TextFeatures(torch.randn(2, 5, 24), torch.ones(2, 5, dtype=torch.bool), torch.randn(2, 12),
@@ -126,6 +127,27 @@ def test_networks_share_one_signature_and_start_at_zero(kind):
     assert v.shape == x.shape and v.abs().max() == 0  # zero-initialised output: the untrained v is 0
     v.sum().backward()  # and every block is reachable by the gradient
     assert net.out.weight.grad.abs().sum() > 0
+
+
+def test_unet_patches_fold_pixels_into_channels():
+    from vgen.models.unet import UNet, UNetConfig
+    from vgen.text.encoder import TextFeatures
+
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(image_size=16, patch_size=2, width=16, heads=2, multipliers=[1, 2],
+                          attention_levels=[1]), 24, 12)
+    assert net.inp.in_channels == 12 and net.out.out_channels == 12  # 3 channels x 2 x 2 pixels
+    shapes = []
+    net.down[0]["res"].register_forward_hook(lambda module, args, out: shapes.append(tuple(out.shape)))
+    text = TextFeatures(torch.randn(1, 5, 24), torch.ones(1, 5, dtype=torch.bool), torch.randn(1, 12),
+                        torch.randn(1, 5, 24))
+    x = torch.randn(1, 3, 16, 16)
+    assert net(x, torch.rand(1), text).shape == x.shape
+    assert shapes == [(1, 16, 8, 8)]  # the first level runs at 16 / 2 px
+    with pytest.raises(ValueError, match="not a multiple of patch_size 3"):
+        UNetConfig(image_size=16, patch_size=3)
+    with pytest.raises(ValueError, match="= 4 cannot be halved 3 times"):
+        UNetConfig(image_size=16, patch_size=4, multipliers=[1, 1, 1, 1])
 
 
 @pytest.mark.slow
@@ -216,6 +238,26 @@ def test_conv_discriminator_reads_checkpoints_from_before_text_projection(tiny_c
     assert all(torch.equal(d.state_dict()[k], v + 1) for k, v in new.items())
 
 
+def test_hard_wrong_captions_are_one_word_away(tiny_clip):
+    """gan.mismatch_hard: that share of D's wrong captions differ from the true one in one word."""
+    import random
+
+    from vgen.families import build_family
+
+    captions = [["a cat and a dog"], ["a cat and a fish"], ["a dog and a cat"], ["two cats"], ["a pig"]]
+    dataset = type("Captions", (), {"captions": captions, "__len__": lambda self: len(captions)})()
+    for share, expected in ((1.0, 1.0), (0.5, 0.5), (0.0, 0.0)):
+        cfg = train_config_from_dict({"kind": "gan", "text_encoder": {"source": f"local-dir:{tiny_clip}"},
+                                      "gan": {"image_size": 16, "mismatch_hard": share,
+                                              "discriminator": {"width": 8}}})
+        family = build_family(cfg, 16, torch.device("cpu"))
+        picks = [family._wrong_caption(dataset, 0, "a cat and a dog", random.Random(i)) for i in range(400)]
+        assert all(caption != "a cat and a dog" for caption, _ in picks)
+        hard = [caption for caption, is_hard in picks if is_hard]
+        assert set(hard) <= {"a cat and a fish"}  # never the reordering, which says the same
+        assert abs(len(hard) / len(picks) - expected) < 0.08
+
+
 def test_r1_and_clip_guidance_through_the_clip_tower(tiny_clip):
     """backbone conv+clip: the R1 step differentiates twice through the CLIP tower's attention (the
     fused kernels cannot), and CLIP guidance adds its distance to G's loss."""
@@ -228,10 +270,11 @@ def test_r1_and_clip_guidance_through_the_clip_tower(tiny_clip):
     family = build_family(cfg, 16, torch.device("cpu"))
     torch.manual_seed(0)
     batch = {"real": torch.rand(2, 3, 16, 16) * 2 - 1, "captions": ["red", "blue"], "wrong_captions": ["blue", "red"],
-             "z": torch.randn(2, 8), "augment": torch.rand(2, 4, 7)}
+             "wrong_hard": torch.tensor([True, False]), "z": torch.randn(2, 8), "augment": torch.rand(2, 4, 7)}
     loss, logs = family.d_loss(family.model.d, batch, 0)
     loss.backward()
     assert logs["r1"] > 0 and all(p.grad is not None for p in family.model.d.parameters())
+    assert logs["d_mismatch_hard"] in (0, 1)  # D's verdict on the one hard wrong caption
     # Guidance reaches G: its gradient differs from the adversarial term's alone.
     grads = []
     for weight in (0.0, 1.0):

@@ -2,7 +2,7 @@ import random
 
 import torch
 
-from vgen.text.negatives import swap_content_words
+from vgen.text.negatives import OneWordNeighbours, swap_content_words
 
 
 def test_swaps_two_content_words_and_keeps_the_bag_of_words():
@@ -18,6 +18,20 @@ def test_no_negative_without_two_different_content_words():
     assert swap_content_words("a cat", rng) is None
     assert swap_content_words("red", rng) is None
     assert swap_content_words("a cat and a cat", rng) is None
+
+
+def test_one_word_neighbours_differ_in_exactly_one_position():
+    captions = ["a cat and a dog", "a cat and a fish", "a pig and a dog", "a dog and a cat",
+                "a cat to the left of a dog", "a cat to the right of a dog", "two cats", "two dogs", "a cat"]
+    neighbours = OneWordNeighbours(captions + ["a cat and a fish"])  # duplicates count once
+    assert sorted(neighbours.of("a cat and a dog")) == ["a cat and a fish", "a pig and a dog"]  # not the reordering
+    assert neighbours.of("a cat to the left of a dog") == ["a cat to the right of a dog"]
+    assert neighbours.of("two cats") == ["two dogs"]
+    assert neighbours.of("a cat") == []
+    assert sorted(neighbours.of("a cow and a dog")) == ["a cat and a dog", "a pig and a dog"]  # not itself in the set
+    rng = random.Random(0)
+    assert {neighbours.choose("a cat and a dog", rng) for _ in range(50)} == {"a cat and a fish", "a pig and a dog"}
+    assert neighbours.choose("a cat", rng) is None
 
 
 def test_clip_loss_ranks_the_swapped_caption_as_a_negative(tmp_path):

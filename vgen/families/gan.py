@@ -36,6 +36,7 @@ from vgen.models.conditioned import TextConditioned
 from vgen.models.gan import (ClipFeatureDiscriminator, Discriminator, DiscriminatorConfig, Generator, GeneratorConfig,
                              SumDiscriminator)
 from vgen.randomness import STREAM_CAPTION, STREAM_SAMPLE, STREAM_VALIDATION, generator, initial_noise, mix_seed
+from vgen.text.negatives import OneWordNeighbours
 
 AUGMENTS = ("translation", "cutout", "color")
 # The views of one sample that D sees, each augmented with its own parameters.
@@ -61,6 +62,10 @@ class GanConfig:
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     loss: Literal["ns", "hinge"] = "ns"  # non-saturating logistic | hinge
     mismatch_weight: float = bounded(1.0, ge=0)  # weight of (real image, wrong caption) -> fake; 0: off
+    # the share of wrong captions that are hard negatives: another training caption one word away
+    # (vgen.text.negatives.OneWordNeighbours), so D must check every object and relation; the rest
+    # are random captions of the training set
+    mismatch_hard: float = bounded(0.0, ge=0, le=1)
     r1_gamma: float = bounded(0.1, ge=0)  # 0: no R1
     r1_every: int = bounded(16, ge=1)  # lazy regularisation: R1 on every k-th step, scaled by k
     augment: list[str] = field(default_factory=lambda: list(AUGMENTS))  # DiffAugment policy ([]: none)
@@ -156,6 +161,7 @@ class GanFamily(Family):
         except ValueError as e:
             raise ConfigError(f"gan: {e}") from None
         self.model = GanModel(GanGenerator(g, encoder), d).to(device)
+        self._neighbours, self._neighbours_of = None, None  # the hard wrong captions (_wrong_caption)
 
     @staticmethod
     def _discriminator(gan: GanConfig, clip, encoder) -> nn.Module:
@@ -190,15 +196,25 @@ class GanFamily(Family):
                 Phase("g", self.model.g, self.g_loss, self.cfg.optim)]
 
     # --- batches ---
-    def _wrong_caption(self, dataset, index: int, caption: str, rng: random.Random) -> str:
-        """Another image's caption that differs from this one's (emoji captions repeat), or ''."""
+    def _wrong_caption(self, dataset, index: int, caption: str, rng: random.Random) -> tuple[str, bool]:
+        """A caption that does not describe this image, and whether it is a hard one: with
+        probability gan.mismatch_hard one of the training captions one word away, otherwise (or when
+        there is none) another image's caption that differs from this one's (emoji captions
+        repeat), or ''."""
+        if self.cfg.gan.mismatch_hard > 0 and rng.random() < self.cfg.gan.mismatch_hard:
+            if self._neighbours_of is not dataset:  # built once per training set
+                self._neighbours = OneWordNeighbours(c for captions in dataset.captions for c in captions)
+                self._neighbours_of = dataset
+            hard = self._neighbours.choose(caption, rng)
+            if hard is not None:
+                return hard, True
         for _ in range(8):
             j = rng.randrange(len(dataset))
             if j != index and dataset.captions[j]:
                 other = dataset.captions[j][rng.randrange(len(dataset.captions[j]))]
                 if other != caption:
-                    return other
-        return ""
+                    return other, False
+        return "", False
 
     def make_batch(self, dataset, order, step: int, indices: list[int]) -> dict:
         seed, gan = self.cfg.train.seed, self.cfg.gan
@@ -214,7 +230,9 @@ class GanFamily(Family):
             wrong.append(self._wrong_caption(dataset, index, item["caption"],
                                              random.Random(mix_seed(seed, STREAM_WRONG_CAPTION, g))))
         return {"real": images_to_float(torch.stack(images)).to(self.device), "captions": captions,
-                "wrong_captions": wrong, "z": torch.stack(z).to(self.device),
+                "wrong_captions": [caption for caption, _ in wrong],
+                "wrong_hard": torch.tensor([hard for _, hard in wrong], device=self.device),
+                "z": torch.stack(z).to(self.device),
                 "augment": torch.stack(augment).to(self.device)}
 
     def _augment(self, x: torch.Tensor, batch: dict, view: int) -> torch.Tensor:
@@ -250,6 +268,8 @@ class GanFamily(Family):
             wrong_loss = F.softplus(wrong_logits).mean() if gan.loss == "ns" else F.relu(1 + wrong_logits).mean()
             loss = loss + gan.mismatch_weight * wrong_loss
             logs["d_mismatch"] = (wrong_logits < 0).float().mean()
+            if batch["wrong_hard"].any():  # D's accuracy on the hard ones alone
+                logs["d_mismatch_hard"] = (wrong_logits[batch["wrong_hard"]] < 0).float().mean()
         if r1_step:
             (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
             r1 = grad.float().pow(2).flatten(1).sum(1).mean()

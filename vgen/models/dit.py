@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vgen.config import bounded, check_bounds
-from vgen.models.layers import Attention, TextRefinement, modulate, timestep_embedding
+from vgen.models.layers import Attention, TextRefinement, modulate, sincos_2d, timestep_embedding
 
 
 @dataclass
@@ -41,17 +41,6 @@ class DiTConfig:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not a multiple of heads {self.heads}")
-
-
-def sincos_2d(width: int, grid: int) -> torch.Tensor:
-    """Fixed 2-D sine-cosine position embedding (MAE / DiT), shape [grid*grid, width]."""
-    def one_axis(dim: int, pos: torch.Tensor) -> torch.Tensor:
-        omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
-        out = pos.flatten()[:, None].double() * omega[None]
-        return torch.cat([out.sin(), out.cos()], dim=1)
-
-    ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    return torch.cat([one_axis(width // 2, ys), one_axis(width // 2, xs)], dim=1).float()
 
 
 class DiTBlock(nn.Module):

@@ -113,3 +113,14 @@ class TextRefinement:
         for block in self.text_refiner:
             text = block(text, text_mask)
         return text
+
+
+def sincos_2d(width: int, grid: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding (MAE / DiT), shape [grid*grid, width]."""
+    def one_axis(dim: int, pos: torch.Tensor) -> torch.Tensor:
+        omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+        out = pos.flatten()[:, None].double() * omega[None]
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    return torch.cat([one_axis(width // 2, ys), one_axis(width // 2, xs)], dim=1).float()

@@ -27,10 +27,14 @@ class UNetConfig:
     type: Literal["unet"] = "unet"  # the NETWORKS key (vgen.models)
     image_size: int = bounded(32, ge=1)
     channels: int = bounded(3, ge=1)
-    width: int = bounded(64, ge=8)  # channels at full resolution
+    # the stem folds patch x patch pixels into channels (space-to-depth) and the head unfolds them,
+    # so the first level runs at image_size / patch_size (as the DiT's patches, or the shifted
+    # downsampling stem of simple diffusion, Hoogeboom et al. 2023, arXiv:2301.11093, sec. 3.3)
+    patch_size: int = bounded(1, ge=1)
+    width: int = bounded(64, ge=8)  # channels at the first level
     multipliers: list[int] = field(default_factory=lambda: [1, 2, 2])  # per level; each level after the first halves the size
     blocks_per_level: int = bounded(2, ge=1)
-    attention_levels: list[int] = field(default_factory=lambda: [1, 2])  # levels (0 = full size) with attention
+    attention_levels: list[int] = field(default_factory=lambda: [1, 2])  # levels (0 = the first) with attention
     heads: int = bounded(4, ge=1)
     groups: int = bounded(8, ge=1)  # GroupNorm groups
     text_refiner_layers: int = bounded(0, ge=0)  # as the DiT's (vgen.models.layers.TextRefinement)
@@ -41,8 +45,11 @@ class UNetConfig:
         levels = len(self.multipliers)
         if levels < 1 or any(m < 1 for m in self.multipliers):
             raise ValueError("multipliers must be a non-empty list of positive integers")
-        if self.image_size % 2 ** (levels - 1):
-            raise ValueError(f"image_size {self.image_size} cannot be halved {levels - 1} times (multipliers)")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if (self.image_size // self.patch_size) % 2 ** (levels - 1):
+            raise ValueError(f"image_size / patch_size = {self.image_size // self.patch_size} cannot be halved "
+                             f"{levels - 1} times (multipliers)")
         if any(not 0 <= level < levels for level in self.attention_levels):
             raise ValueError(f"attention_levels must name levels 0..{levels - 1}")
         for m in self.multipliers:
@@ -105,7 +112,7 @@ class UNet(TextRefinement, nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(W, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.pooled_proj = nn.Sequential(nn.LayerNorm(pooled_width), nn.Linear(pooled_width, emb))
         self.init_text_refinement(cfg.text_lexical, cfg.text_refiner_layers, text_width)
-        self.inp = nn.Conv2d(cfg.channels, W, 3, padding=1)
+        self.inp = nn.Conv2d(cfg.channels * cfg.patch_size ** 2, W, 3, padding=1)
 
         def level_blocks(cin: int, cout: int, level: int) -> nn.ModuleDict:
             blocks = nn.ModuleDict({"res": ResBlock(cin, cout, emb, cfg.groups)})
@@ -132,7 +139,7 @@ class UNet(TextRefinement, nn.Module):
             if level > 0:
                 self.upsample.append(nn.Conv2d(ch, ch, 3, padding=1))
         self.norm_out = nn.GroupNorm(cfg.groups, ch)
-        self.out = nn.Conv2d(ch, cfg.channels, 3, padding=1)
+        self.out = nn.Conv2d(ch, cfg.channels * cfg.patch_size ** 2, 3, padding=1)
         nn.init.zeros_(self.out.weight)  # the untrained model predicts v = 0
         nn.init.zeros_(self.out.bias)
 
@@ -145,7 +152,7 @@ class UNet(TextRefinement, nn.Module):
         cfg = self.cfg
         text, text_mask = self.refine_text(features), features.mask
         emb = self.time_mlp(timestep_embedding(t, cfg.width).to(x.dtype)) + self.pooled_proj(features.pooled)
-        h = self.inp(x)
+        h = self.inp(F.pixel_unshuffle(x, cfg.patch_size))
         skips, blocks = [h], iter(self.down)
         for level in range(len(cfg.multipliers)):
             for _ in range(cfg.blocks_per_level):
@@ -162,4 +169,4 @@ class UNet(TextRefinement, nn.Module):
                 h = self._run(next(blocks), torch.cat([h, skips.pop()], dim=1), emb, text, text_mask)
             if level > 0:
                 h = next(upsample)(F.interpolate(h, scale_factor=2.0, mode="nearest"))
-        return self.out(F.silu(self.norm_out(h)))
+        return F.pixel_shuffle(self.out(F.silu(self.norm_out(h))), cfg.patch_size)

@@ -1,5 +1,6 @@
-"""Hard-negative captions by swapping content words (NegCLIP, Yuksekgonul et al., "When and Why
-Vision-Language Models Behave like Bags-of-Words, and What to Do About It", ICLR 2023, sec. 4).
+"""Hard-negative captions: by swapping content words (NegCLIP, Yuksekgonul et al., "When and Why
+Vision-Language Models Behave like Bags-of-Words, and What to Do About It", ICLR 2023, sec. 4), or
+by taking another caption of the dataset that differs in exactly one word.
 
 NegCLIP swaps words chosen by a part-of-speech tagger; without one, we call every word that is not
 an English function word (article, preposition, conjunction, pronoun, auxiliary) a content word.
@@ -10,6 +11,8 @@ exactly what a bag-of-words text encoder cannot tell apart.
 from __future__ import annotations
 
 import random
+from collections import defaultdict
+from collections.abc import Iterable
 
 FUNCTION_WORDS = frozenset(
     """a an the some any this that these those of to in on at by for with from into onto over under
@@ -28,3 +31,36 @@ def swap_content_words(caption: str, rng: random.Random) -> str | None:
     i, j = rng.choice(pairs)
     words[i], words[j] = words[j], words[i]
     return " ".join(words)
+
+
+class OneWordNeighbours:
+    """The captions of a set that differ from a given caption in exactly one word position.
+
+    A caption one word away ("a cat and a fish" for "a cat and a dog", "a cat to the right of a dog"
+    for "... left of ...", "two dogs" for "two cats") describes a different scene that shares all
+    but one thing with the true one: as the wrong caption of a matching-aware discriminator it can
+    only be told apart by checking every object and relation, where a random caption differs in all
+    of them and one look suffices. A reordering ("a dog and a cat") is two words away, so a caption
+    that may say the same thing in another order is never chosen.
+    """
+
+    def __init__(self, captions: Iterable[str]):
+        self._by_blank: dict[tuple[int, tuple[str, ...]], list[str]] = defaultdict(list)
+        for caption in sorted(set(captions)):  # sorted: the choice depends on the set, not its order
+            for key in self._keys(caption):
+                self._by_blank[key].append(caption)
+
+    @staticmethod
+    def _keys(caption: str):
+        words = tuple(caption.split(" "))
+        for i in range(len(words)):
+            yield i, words[:i] + ("",) + words[i + 1:]
+
+    def of(self, caption: str) -> list[str]:
+        """Every caption of the set one word away from `caption` (it need not be in the set)."""
+        return [other for key in self._keys(caption) for other in self._by_blank.get(key, ()) if other != caption]
+
+    def choose(self, caption: str, rng: random.Random) -> str | None:
+        """One of them, uniformly, or None when there is none."""
+        neighbours = self.of(caption)
+        return rng.choice(neighbours) if neighbours else None
