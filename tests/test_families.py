@@ -23,6 +23,11 @@ TINY_GAN = [
     "optim.warmup_steps=0", "optim.betas=[0.0, 0.99]", "ema.decay=0.9",
 ]
 
+# The matching terms of configs/gan-tiny-cpu.yaml: contrastive (in groups of 8 here), hard wrong
+# captions, position-aware queries in G.
+CONTRASTIVE = ["gan.contrastive_weight=1.0", "gan.contrastive_group=8", "gan.mismatch_hard=0.5",
+               "gan.generator.position_queries=true"]
+
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
@@ -238,6 +243,88 @@ def test_conv_discriminator_reads_checkpoints_from_before_text_projection(tiny_c
     assert all(torch.equal(d.state_dict()[k], v + 1) for k, v in new.items())
 
 
+def test_pairwise_scores_are_the_projection_term_of_every_caption():
+    """Discriminator(..., pairs=P): scores[i, j] is the conditional part of the logit image i would
+    get with caption j (projection, and word matching when on), computed for all pairs at once."""
+    from vgen.models.gan import Discriminator, DiscriminatorConfig
+    from vgen.text.encoder import TextFeatures
+
+    torch.manual_seed(0)
+    for lexical, words, refiner in ((False, False, 0), (True, False, 0), (False, True, 0), (True, True, 1)):
+        d = Discriminator(DiscriminatorConfig(width=8, text_lexical=lexical, word_matching=words,
+                                              text_refiner_layers=refiner), 16, 3, 12, 10)
+        for p in d.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+        d.load_state_dict(d.state_dict())  # its own text_lexical (with a refiner) is not an old key to move
+        mask = torch.ones(5, 6, dtype=torch.bool)
+        mask[:, 4:], mask[0, 2:] = False, False
+        text = TextFeatures(torch.randn(5, 6, 12), mask, torch.randn(5, 10), torch.randn(5, 6, 12))
+        images = torch.randn(5, 3, 16, 16)
+        logits, scores = d(images, text, pairs=4)
+        assert scores.shape == (4, 4) and torch.equal(logits, d(images, text))
+        h = torch.nn.functional.leaky_relu(d.features(d.grid(images).flatten(1)), 0.2)
+        unconditional = d.unconditional(h)[:, 0]
+        for shift in range(4):  # caption j = (i + shift) % 4 for image i, through the plain forward
+            order = [(i + shift) % 4 for i in range(4)] + [4]
+            projection = d(images, TextFeatures(*(t[order] for t in text))) - unconditional
+            assert torch.allclose(scores[torch.arange(4), torch.tensor(order[:4])], projection[:4], atol=1e-5)
+
+
+def test_word_matching_misses_an_object_drawn_twice():
+    """WordMatching, known answer: with one-hot words and places and sharp attention, each word of
+    "cat dog" finds its own place in an image of a cat and a dog (per-word score sqrt(3)/2 after
+    the LayerNorm); in an image of two cats "dog" finds nothing (score 0), so the mean halves."""
+    import math
+
+    from vgen.models.gan import WordMatching
+    from vgen.text.encoder import TextFeatures
+
+    words = WordMatching(4, 4, 2, lexical=False)
+    with torch.no_grad():
+        words.positions.zero_()
+        eye = torch.eye(4)
+        for layer, weight in ((words.query, 100 * eye), (words.match, eye), (words.key_value, torch.cat([eye, eye]))):
+            layer.weight.copy_(weight)
+            layer.bias.zero_()
+    cat, dog = eye[0], eye[1]
+    tokens = torch.stack([cat, dog])[None].expand(2, -1, -1)
+    caption = TextFeatures(tokens, torch.ones(2, 2, dtype=torch.bool), torch.zeros(2, 4), tokens)
+    places = torch.stack([torch.stack([cat, dog, torch.zeros(4), torch.zeros(4)]),
+                          torch.stack([cat, cat, torch.zeros(4), torch.zeros(4)])])
+    both, twice = words(places, caption).tolist()
+    assert math.isclose(both, math.sqrt(3) / 2, rel_tol=1e-4)
+    assert math.isclose(twice, math.sqrt(3) / 4, rel_tol=1e-4)
+    assert torch.allclose(words.pairwise(places, caption).diagonal(), torch.tensor([both, twice]))
+
+
+def test_contrastive_loss_known_answers():
+    """Cross-entropy of the own caption among the group's captions and wrong captions; a candidate
+    with the image's own caption text is no negative; another group's columns do not count."""
+    import math
+
+    from vgen.families.gan import contrastive_loss
+
+    o = 50.0  # another group's column: it would dominate if it counted
+    scores = torch.tensor([[2.0, 0.0, o, o, 0.0, 1.0, o, o],
+                           [1.0, 3.0, o, o, 3.0, 0.0, o, o],
+                           [o, o, 0.0, 1.0, o, o, 0.0, 0.0],
+                           [o, o, 5.0, 5.0, o, o, 0.0, 0.0]])
+    captions, wrong = ["a cat", "a dog", "a pig", "a cow"], ["a fox", "a cat", "a hen", "a owl"]
+    loss, top1 = contrastive_loss(scores, captions, wrong, group=2)
+    # Columns 4..7 are the wrong captions of samples 0..3. Row 0 leaves out column 5, the wrong
+    # caption of sample 1, which is its own text "a cat"; for row 1 that column is a negative.
+    candidates = [[2.0, 0.0, 0.0], [1.0, 3.0, 3.0, 0.0], [0.0, 1.0, 0.0, 0.0], [5.0, 5.0, 0.0, 0.0]]
+    own = [0, 1, 0, 1]
+    expected = [math.log(sum(math.exp(v) for v in row)) - row[k] for row, k in zip(candidates, own)]
+    assert math.isclose(loss.item(), sum(expected) / 4, rel_tol=1e-6)
+    assert top1.item() == 0.5  # rows 0 and 1 (a tie goes to the first column, its own) right
+    with pytest.raises(ConfigError, match="contrastive_group 3 does not divide the batch of 4"):
+        contrastive_loss(scores, captions, wrong, group=3)
+    with pytest.raises(ConfigError, match="contrastive_weight needs discriminator.backbone: conv"):
+        train_config_from_dict({"kind": "gan", "gan": {"contrastive_weight": 1.0,
+                                                       "discriminator": {"backbone": "conv+clip"}}})
+
+
 def test_hard_wrong_captions_are_one_word_away(tiny_clip):
     """gan.mismatch_hard: that share of D's wrong captions differ from the true one in one word."""
     import random
@@ -344,7 +431,7 @@ def test_gan_refuses_sampler_flags(assets, tmp_path, vgen_cli):
 
 @pytest.mark.slow
 def test_gan_resume_after_sigkill_is_bit_identical(assets, tmp_path):
-    config = write_config(tmp_path / "c.yaml", gan_sets(assets, 24, checkpoint_every=4, every=12))
+    config = write_config(tmp_path / "c.yaml", [*gan_sets(assets, 24, checkpoint_every=4, every=12), *CONTRASTIVE])
     straight = tmp_path / "straight"
     assert run(vgen_train_cmd(config, assets["data"], straight)).returncode == 0
     killed = tmp_path / "killed"
@@ -361,8 +448,11 @@ def test_gan_resume_after_sigkill_is_bit_identical(assets, tmp_path):
 
 @pytest.mark.slow
 def test_gan_torchrun_two_processes_match_one(assets, tmp_path):
-    # R1 (a double backward through DDP) at steps 0 and 2, both optimizers, augmentation. A GAN
-    # amplifies rounding differences (about 2x a step at this size, bench/RESULTS.md), so the
-    # comparison is made early.
-    config = write_config(tmp_path / "c.yaml", [*gan_sets(assets, 4), "gan.r1_every=2"])
-    assert_two_processes_match_one(config, assets["data"], tmp_path)
+    # R1 (a double backward through DDP) at steps 0 and 2, both optimizers, augmentation; the
+    # contrastive term in groups of 8 (each process's local batch of 8 is one group, as in one
+    # process's batch of 16). A GAN amplifies rounding differences: the largest relative difference
+    # of a weight is about 1e-4 after one step, 1e-3 after two, 2e-3 after three (the zero-initialised
+    # cross-attention outputs, which sign-like Adam steps with beta1 0 move by +-lr per element;
+    # bench/RESULTS.md). A gradient left unaveraged flips the signs of such steps wholesale: far past 1e-2.
+    config = write_config(tmp_path / "c.yaml", [*gan_sets(assets, 3), "gan.r1_every=2", *CONTRASTIVE])
+    assert_two_processes_match_one(config, assets["data"], tmp_path, rtol=1e-2)

@@ -77,8 +77,8 @@ def kill_after_checkpoints(cmd: list[str], out: Path, count: int) -> None:
     proc.wait()
 
 
-def assert_two_processes_match_one(config: Path, data: Path, tmp_path: Path) -> Path:
-    """Train `config` in one process and under torchrun in two; every weight within 1e-3
+def assert_two_processes_match_one(config: Path, data: Path, tmp_path: Path, rtol: float = 1e-3) -> Path:
+    """Train `config` in one process and under torchrun in two; every weight within `rtol`
     (relative). Returns the two-process run dir."""
     one, two = tmp_path / "one", tmp_path / "two"
     assert run(vgen_train_cmd(config, data, one)).returncode == 0
@@ -87,7 +87,7 @@ def assert_two_processes_match_one(config: Path, data: Path, tmp_path: Path) -> 
     a, b = final_weights(one), final_weights(two)
     for k in a:
         rel = (a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12)
-        assert rel < 1e-3, (k, float(rel))
+        assert rel < rtol, (k, float(rel))
     return two
 
 

@@ -73,6 +73,14 @@ class GanConfig:
     # squared spherical distance between the CLIP image embedding of its (augmented) image and the
     # caption's text embedding. Needs discriminator.backbone clip, whose tower gives the embedding.
     clip_guidance: float = bounded(0.0, ge=0)
+    # Image-text contrastive loss (XMC-GAN, Zhang et al. 2021, arXiv:2101.04702, sec. 3.2) on D's
+    # projection scores: in groups of `contrastive_group` samples, D learns to pick each real image's
+    # caption among the group's captions, and G to make each of its images pick its own: a signal
+    # about the content of every image against many wrong captions at once, where the matching-aware
+    # term has one. Groups, not the whole batch, so that torchrun with local batches of a multiple of
+    # the group computes the same loss as one process. Needs discriminator.backbone conv.
+    contrastive_weight: float = bounded(0.0, ge=0)
+    contrastive_group: int = bounded(16, ge=2)
     d_optim: GanOptimConfig = field(default_factory=GanOptimConfig)  # the discriminator's AdamW (G's: `optim`)
     sample_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_SAMPLE_PROMPTS))
     sample_seeds: int = bounded(4, ge=1)
@@ -81,6 +89,9 @@ class GanConfig:
         check_bounds(self)
         if self.clip_guidance > 0 and "clip" not in self.discriminator.backbone:
             raise ValueError("clip_guidance needs discriminator.backbone: clip (its CLIP image tower embeds G's images)")
+        if self.contrastive_weight > 0 and self.discriminator.backbone != "conv":
+            raise ValueError(f"contrastive_weight needs discriminator.backbone: conv (the one whose projection "
+                             f"scores every caption of a group); backbone is {self.discriminator.backbone}")
         unknown = [a for a in self.augment if a not in AUGMENTS]
         if unknown:
             raise ValueError(f"augment: unknown {', '.join(unknown)}; expected some of {', '.join(AUGMENTS)}")
@@ -115,6 +126,27 @@ def diff_augment(x: torch.Tensor, params: torch.Tensor, policy: list[str]) -> to
         inside = (dy >= -(H // 4)) & (dy < H // 4) & (dx >= -(W // 4)) & (dx < W // 4)
         x = x * (~inside).unsqueeze(1).to(x.dtype)
     return x
+
+
+def contrastive_loss(scores: torch.Tensor, captions: list[str], wrong: list[str],
+                     group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of each image's own caption among its group's candidates, and how often it
+    scores highest. `scores` [B, 2B]: image i against captions[j] (columns 0..B-1) and against the
+    wrong caption drawn for sample j (columns B..2B-1; one word away with gan.mismatch_hard), both
+    of group j // group. A candidate that is the same text as the image's own caption is no
+    negative and is left out (emoji captions repeat)."""
+    B = scores.shape[0]
+    if B % group:
+        raise ConfigError(f"gan.contrastive_group {group} does not divide the batch of {B} each process trains on")
+    index = torch.arange(B, device=scores.device)
+    column = torch.cat([index, index])  # the sample each candidate belongs to
+    same_group = (index[:, None] // group) == (column[None, :] // group)
+    ids = {caption: n for n, caption in enumerate(dict.fromkeys(captions + wrong))}
+    own = torch.tensor([ids[c] for c in captions], device=scores.device)
+    candidate = torch.tensor([ids[c] for c in captions + wrong], device=scores.device)
+    same_text = (own[:, None] == candidate[None, :]) & (torch.arange(2 * B, device=scores.device)[None] != index[:, None])
+    scores = scores.float().masked_fill(~same_group | same_text, float("-inf"))
+    return F.cross_entropy(scores, index), (scores.argmax(dim=1) == index).float().mean()
 
 
 class GanGenerator(TextConditioned):
@@ -153,6 +185,9 @@ class GanFamily(Family):
         if resolution is not None and gan.image_size != resolution:
             raise ConfigError(f"gan.image_size is {gan.image_size} but the dataset is {resolution} px; "
                               f"set --set gan.image_size={resolution}")
+        if gan.contrastive_weight > 0 and cfg.train.batch_size % gan.contrastive_group:
+            raise ConfigError(f"gan.contrastive_group {gan.contrastive_group} does not divide train.batch_size "
+                              f"{cfg.train.batch_size}")
         clip = load_open_clip(te)
         encoder = TextEncoder(clip, te.mode, te.lora_rank, te.lora_alpha).to(device)
         try:
@@ -240,6 +275,11 @@ class GanFamily(Family):
         return diff_augment(x, batch["augment"][:, view], policy) if policy else x
 
     # --- losses ---
+    @staticmethod
+    def _candidates(text, wrong_text):
+        """The captions then the wrong captions of the batch: the columns of contrastive_loss."""
+        return type(text)(*(torch.cat(parts) for parts in zip(text, wrong_text)))
+
     def d_loss(self, d, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
         gan, g = self.cfg.gan, self.model.g
         text = g.encode_text(batch["captions"])
@@ -249,13 +289,18 @@ class GanFamily(Family):
         real = batch["real"].detach().requires_grad_(r1_step)
         views = [self._augment(real, batch, VIEW_REAL), self._augment(fake, batch, VIEW_FAKE_D)]
         texts = [text, text]
+        wrong_text = g.encode_text(batch["wrong_captions"]) if gan.mismatch_weight or gan.contrastive_weight else None
         if gan.mismatch_weight > 0:
             views.append(self._augment(batch["real"], batch, VIEW_WRONG))
-            texts.append(g.encode_text(batch["wrong_captions"]))
+            texts.append(wrong_text)
+        # contrastive: also the real view's scores against the captions and the wrong captions
+        pairs = len(batch["captions"]) if gan.contrastive_weight > 0 else 0
+        candidates = {"pairs": pairs, "candidates": self._candidates(text, wrong_text)} if pairs else {}
         # R1 differentiates D's gradient once more; PyTorch's fused attention kernels (which open_clip's
         # tower uses, backbone clip) have no second derivative, the plain math form has.
         with sdpa_kernel([SDPBackend.MATH]) if r1_step else contextlib.nullcontext():
-            logits = d(torch.cat(views), type(text)(*(torch.cat(parts) for parts in zip(*texts))))
+            out = d(torch.cat(views), type(text)(*(torch.cat(parts) for parts in zip(*texts))), **candidates)
+        logits, scores = out if pairs else (out, None)
         parts = logits.chunk(len(views))
         real_logits, fake_logits = parts[0], parts[1]
         if gan.loss == "ns":  # softplus(-x) = -log sigmoid(x)
@@ -270,6 +315,10 @@ class GanFamily(Family):
             logs["d_mismatch"] = (wrong_logits < 0).float().mean()
             if batch["wrong_hard"].any():  # D's accuracy on the hard ones alone
                 logs["d_mismatch_hard"] = (wrong_logits[batch["wrong_hard"]] < 0).float().mean()
+        if pairs:
+            matching, logs["d_match"] = contrastive_loss(scores, batch["captions"], batch["wrong_captions"],
+                                                         gan.contrastive_group)
+            loss = loss + gan.contrastive_weight * matching
         if r1_step:
             (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
             r1 = grad.float().pow(2).flatten(1).sum(1).mean()
@@ -279,15 +328,23 @@ class GanFamily(Family):
 
     def g_loss(self, g, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
         fake = g(batch["z"], batch["captions"])
+        gan = self.cfg.gan
         with torch.no_grad():  # D judges the caption; the text encoder learns only through G
             text = self.model.g.encode_text(batch["captions"])
-        gan = self.cfg.gan
+            wrong_text = self.model.g.encode_text(batch["wrong_captions"]) if gan.contrastive_weight else None
+        logs = {}
         if gan.clip_guidance > 0:
             logits, image = self.model.d(self._augment(fake, batch, VIEW_FAKE_G), text, image_embedding=True)
+        elif gan.contrastive_weight > 0:
+            logits, scores = self.model.d(self._augment(fake, batch, VIEW_FAKE_G), text, pairs=len(batch["captions"]),
+                                          candidates=self._candidates(text, wrong_text))
         else:
             logits = self.model.d(self._augment(fake, batch, VIEW_FAKE_G), text)
         loss = F.softplus(-logits).mean() if gan.loss == "ns" else -logits.mean()
-        logs = {}
+        if gan.contrastive_weight > 0:
+            matching, logs["g_match"] = contrastive_loss(scores, batch["captions"], batch["wrong_captions"],
+                                                         gan.contrastive_group)
+            loss = loss + gan.contrastive_weight * matching
         if gan.clip_guidance > 0:
             cos = F.cosine_similarity(image, text.pooled.float(), dim=-1)
             distance = torch.arccos(cos.clamp(-1 + 1e-6, 1 - 1e-6)).pow(2).mean()
