@@ -7,7 +7,7 @@ batches, interleaved step by step (so load from other processes hits all alike),
 steps. How the matching terms of `configs/gan-tiny-cpu.yaml` were costed (bench/RESULTS.md).
 
     python bench/gan_speed.py --data demo/dataset --text run:demo/text-encoder \\
-        --variant '' --variant 'gan.contrastive_weight=1.0' --variant 'gan.discriminator.word_matching=true'
+        --variant '' --variant 'gan.contrastive_weight=1.0,gan.mismatch_hard=1.0,gan.generator.position_queries=true'
 """
 
 from __future__ import annotations

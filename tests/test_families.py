@@ -245,56 +245,26 @@ def test_conv_discriminator_reads_checkpoints_from_before_text_projection(tiny_c
 
 def test_pairwise_scores_are_the_projection_term_of_every_caption():
     """Discriminator(..., pairs=P): scores[i, j] is the conditional part of the logit image i would
-    get with caption j (projection, and word matching when on), computed for all pairs at once."""
+    get with caption j, computed for all pairs at once."""
     from vgen.models.gan import Discriminator, DiscriminatorConfig
     from vgen.text.encoder import TextFeatures
 
     torch.manual_seed(0)
-    for lexical, words, refiner in ((False, False, 0), (True, False, 0), (False, True, 0), (True, True, 1)):
-        d = Discriminator(DiscriminatorConfig(width=8, text_lexical=lexical, word_matching=words,
-                                              text_refiner_layers=refiner), 16, 3, 12, 10)
+    for lexical in (False, True):
+        d = Discriminator(DiscriminatorConfig(width=8, text_lexical=lexical), 16, 3, 12, 10)
         for p in d.parameters():
             torch.nn.init.normal_(p, std=0.3)
-        d.load_state_dict(d.state_dict())  # its own text_lexical (with a refiner) is not an old key to move
         mask = torch.ones(5, 6, dtype=torch.bool)
         mask[:, 4:], mask[0, 2:] = False, False
         text = TextFeatures(torch.randn(5, 6, 12), mask, torch.randn(5, 10), torch.randn(5, 6, 12))
         images = torch.randn(5, 3, 16, 16)
         logits, scores = d(images, text, pairs=4)
         assert scores.shape == (4, 4) and torch.equal(logits, d(images, text))
-        h = torch.nn.functional.leaky_relu(d.features(d.grid(images).flatten(1)), 0.2)
-        unconditional = d.unconditional(h)[:, 0]
+        unconditional = d.unconditional(d.embed(images))[:, 0]
         for shift in range(4):  # caption j = (i + shift) % 4 for image i, through the plain forward
             order = [(i + shift) % 4 for i in range(4)] + [4]
             projection = d(images, TextFeatures(*(t[order] for t in text))) - unconditional
             assert torch.allclose(scores[torch.arange(4), torch.tensor(order[:4])], projection[:4], atol=1e-5)
-
-
-def test_word_matching_misses_an_object_drawn_twice():
-    """WordMatching, known answer: with one-hot words and places and sharp attention, each word of
-    "cat dog" finds its own place in an image of a cat and a dog (per-word score sqrt(3)/2 after
-    the LayerNorm); in an image of two cats "dog" finds nothing (score 0), so the mean halves."""
-    import math
-
-    from vgen.models.gan import WordMatching
-    from vgen.text.encoder import TextFeatures
-
-    words = WordMatching(4, 4, 2, lexical=False)
-    with torch.no_grad():
-        words.positions.zero_()
-        eye = torch.eye(4)
-        for layer, weight in ((words.query, 100 * eye), (words.match, eye), (words.key_value, torch.cat([eye, eye]))):
-            layer.weight.copy_(weight)
-            layer.bias.zero_()
-    cat, dog = eye[0], eye[1]
-    tokens = torch.stack([cat, dog])[None].expand(2, -1, -1)
-    caption = TextFeatures(tokens, torch.ones(2, 2, dtype=torch.bool), torch.zeros(2, 4), tokens)
-    places = torch.stack([torch.stack([cat, dog, torch.zeros(4), torch.zeros(4)]),
-                          torch.stack([cat, cat, torch.zeros(4), torch.zeros(4)])])
-    both, twice = words(places, caption).tolist()
-    assert math.isclose(both, math.sqrt(3) / 2, rel_tol=1e-4)
-    assert math.isclose(twice, math.sqrt(3) / 4, rel_tol=1e-4)
-    assert torch.allclose(words.pairwise(places, caption).diagonal(), torch.tensor([both, twice]))
 
 
 def test_contrastive_loss_known_answers():

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vgen.config import bounded, check_bounds
-from vgen.models.layers import Attention, TextRefinement, attention, sincos_2d
+from vgen.models.layers import Attention, TextRefinement, sincos_2d
 
 
 @dataclass
@@ -59,14 +59,7 @@ class DiscriminatorConfig:
     head_width: int = bounded(64, ge=8)  # clip: channels of each head on the CLIP tokens
     clip_blocks: list[int] = field(default_factory=list)  # clip: which tower blocks feed a head ([]: every block)
     token_pooling: bool = True  # c also attends over the text tokens (else: the pooled embedding alone)
-    # conv: also word-region matching (WordMatching): every word must find itself somewhere in the
-    # image, and where (the places carry their position)
-    word_matching: bool = False
     text_lexical: bool = False  # the tokens it attends over include the tower's input embeddings
-    # conv: the tokens are first rewritten by a bidirectional text refiner, as G's
-    # (vgen.models.layers.TextRefinement): the small CLIP's causal outputs barely tell "left" from
-    # "right", and D cannot refuse an order it cannot read
-    text_refiner_layers: int = bounded(0, ge=0)
 
     def __post_init__(self) -> None:
         check_bounds(self)
@@ -74,10 +67,6 @@ class DiscriminatorConfig:
             raise ValueError(f"backbone: expected conv, clip or conv+clip, got {self.backbone!r}")
         if self.clip_blocks and "clip" not in self.backbone:
             raise ValueError(f"clip_blocks is for backbone clip or conv+clip; backbone is {self.backbone}")
-        if self.text_refiner_layers and self.backbone != "conv":
-            raise ValueError(f"text_refiner_layers is for backbone conv; backbone is {self.backbone}")
-        if self.word_matching and "conv" not in self.backbone:
-            raise ValueError(f"word_matching is for backbone conv or conv+clip; backbone is {self.backbone}")
 
 
 def _channels(width: int, size: int) -> int:
@@ -179,19 +168,15 @@ class DownBlock(nn.Module):
         return (F.avg_pool2d(self.skip(x), 2) + F.avg_pool2d(h, 2)) / math.sqrt(2)
 
 
-def _moved_projection_keys(module, state_dict, prefix, *args) -> None:
-    """Checkpoints of vgen before TextProjection held the conv D's text layers at its top level
-    (where a D with a text refiner now holds its own `text_lexical`)."""
-    for name in ("pooled_proj", "text_lexical", "token_norm", "token_pool"):
-        if hasattr(module, name):
-            continue
-        for key in [k for k in state_dict if k.startswith(prefix + name + ".")]:
+def _moved_projection_keys(state_dict, prefix, *args) -> None:
+    """Checkpoints of vgen before TextProjection held the conv D's text layers at its top level."""
+    for name in ("pooled_proj.", "text_lexical.", "token_norm.", "token_pool."):
+        for key in [k for k in state_dict if k.startswith(prefix + name)]:
             state_dict[prefix + "projection." + key[len(prefix):]] = state_dict.pop(key)
 
 
-class Discriminator(TextRefinement, nn.Module):
-    """logit = D(image, text): w . h + <c(text, h), h> (+ the word-matching score), h the image's
-    feature vector."""
+class Discriminator(nn.Module):
+    """logit = D(image, text): w . h + <c(text, h), h>, h the image's feature vector."""
 
     def __init__(self, cfg: DiscriminatorConfig, image_size: int, channels: int, text_width: int, pooled_width: int):
         super().__init__()
@@ -203,119 +188,52 @@ class Discriminator(TextRefinement, nn.Module):
             self.blocks.append(DownBlock(ch, out))
             size, ch = size // 2, out
         self.final = nn.Conv2d(ch, ch, 3, padding=1)
-        self.features = nn.Linear(ch * size * size, ch)
+        self.features = nn.Linear(ch * 4 * 4, ch)
         self.unconditional = nn.Linear(ch, 1)
-        # With a refiner, the tower's input embeddings join the tokens before it (as in G), once.
-        self.init_text_refinement(cfg.text_lexical and bool(cfg.text_refiner_layers), cfg.text_refiner_layers,
-                                  text_width)
-        lexical = cfg.text_lexical and not cfg.text_refiner_layers
-        self.projection = TextProjection(cfg, ch, text_width, pooled_width, lexical)
-        if cfg.word_matching:
-            self.words = WordMatching(ch, text_width, size, lexical)
-        self._register_load_state_dict_pre_hook(_moved_projection_keys, with_module=True)
+        self.projection = TextProjection(cfg, ch, text_width, pooled_width)
+        self._register_load_state_dict_pre_hook(_moved_projection_keys)
 
-    def grid(self, images: torch.Tensor) -> torch.Tensor:
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
         h = F.leaky_relu(self.inp(images), 0.2)
         for block in self.blocks:
             h = block(h)
-        return F.leaky_relu(self.final(h), 0.2)
+        h = F.leaky_relu(self.final(h), 0.2)
+        return F.leaky_relu(self.features(h.flatten(1)), 0.2)
 
     def forward(self, images: torch.Tensor, features, pairs: int = 0, candidates=None):
         """The logits [B]; with `pairs` = P > 0, also the matching scores [P, M] of the first P
         images against M candidate captions (TextFeatures; default: the first P captions of
-        `features`): scores[i, j] = the conditional part of the logit image i would get with
-        caption j, <c(text_j, h_i), h_i> / sqrt(width) + the word-matching score (for
-        gan.contrastive_weight)."""
-        if self.refiner_layers:
-            features = features._replace(tokens=self.refine_text(features))
-            if candidates is not None:
-                candidates = candidates._replace(tokens=self.refine_text(candidates))
-        grid = self.grid(images)
-        h = F.leaky_relu(self.features(grid.flatten(1)), 0.2)
+        `features`): scores[i, j] = <c(text_j, h_i), h_i> / sqrt(width), the conditional part of the
+        logit image i would get with caption j (for gan.contrastive_weight)."""
+        h = self.embed(images)
         c = self.projection(h[:, None], features)[:, 0]
-        logit = self.unconditional(h)[:, 0] + (c * h).sum(dim=1) / math.sqrt(h.shape[1])
-        places = grid.flatten(2).transpose(1, 2)  # [B, size * size, ch]
-        if self.cfg.word_matching:
-            logit = logit + self.words(places, features)
+        logit = (self.unconditional(h)[:, 0] + (c * h).sum(dim=1) / math.sqrt(h.shape[1])).float()
         if not pairs:
-            return logit.float()
-        h, places = h[:pairs], places[:pairs]
+            return logit
+        h = h[:pairs]
         if candidates is None:
             candidates = type(features)(*(part[:pairs] for part in features))
         c = self.projection.pairwise(h, candidates)
-        scores = (c * h[:, None]).sum(dim=-1) / math.sqrt(h.shape[1])
-        if self.cfg.word_matching:
-            scores = scores + self.words.pairwise(places, candidates)
-        return logit.float(), scores.float()
-
-
-class WordMatching(nn.Module):
-    """Word-region matching: each token of the caption attends over the places of D's last feature
-    grid (their keys and values carry the place's position) and scores how well what it found
-    matches it; the score is the mean over the caption's tokens. An object the caption names that
-    is nowhere in the image lowers the score, and one in the wrong place can too; the projection's
-    attention pooling, queried by the image, reads the best-matching word and misses an object
-    drawn twice in place of two (AttnGAN's DAMSM, Xu et al. 2018, arXiv:1711.10485, sec. 3.3;
-    XMC-GAN's word-region term, Zhang et al. 2021, arXiv:2101.04702, sec. 3.2)."""
-
-    def __init__(self, width: int, text_width: int, size: int, lexical: bool):
-        super().__init__()
-        self.lexical = lexical
-        if lexical:
-            self.text_lexical = nn.Sequential(nn.LayerNorm(text_width, eps=1e-6), nn.Linear(text_width, text_width))
-        self.token_norm = nn.LayerNorm(text_width, eps=1e-6)
-        self.query, self.match = nn.Linear(text_width, width), nn.Linear(text_width, width)
-        self.key_value = nn.Linear(width, 2 * width)
-        self.register_buffer("positions", sincos_2d(width, size)[None], persistent=False)
-
-    def _parts(self, places: torch.Tensor, features):
-        tokens = features.tokens
-        if self.lexical:
-            tokens = tokens + self.text_lexical(features.embeddings.to(tokens.dtype))
-        tokens = self.token_norm(tokens.to(places.dtype))
-        key, value = self.key_value(places + self.positions.to(places.dtype)).chunk(2, dim=-1)
-        return self.query(tokens), self.match(tokens), key, value
-
-    @staticmethod
-    def _mean_over_words(per_word: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        mask = mask.to(per_word.dtype)
-        return (per_word * mask).sum(dim=-1) / mask.sum(dim=-1).clamp_min(1)
-
-    def forward(self, places: torch.Tensor, features) -> torch.Tensor:
-        """places [B, N, width] -> the score of each image with its own caption [B]."""
-        query, match, key, value = self._parts(places, features)
-        found = attention(query, key, value, None)  # [B, L, width]
-        per_word = (match * found).sum(dim=-1) / math.sqrt(match.shape[-1])
-        return self._mean_over_words(per_word, features.mask)
-
-    def pairwise(self, places: torch.Tensor, features) -> torch.Tensor:
-        """places [P, N, width], M captions -> the score of every image with every caption [P, M]."""
-        query, match, key, value = self._parts(places, features)
-        weights = (torch.einsum("jlw,inw->ijln", query, key) * query.shape[-1] ** -0.5).softmax(dim=-1)
-        found = torch.einsum("ijln,inw->ijlw", weights, value)  # [image, caption, word, width]
-        per_word = (match[None] * found).sum(dim=-1) / math.sqrt(match.shape[-1])
-        return self._mean_over_words(per_word, features.mask[None])
+        return logit, ((c * h[:, None]).sum(dim=-1) / math.sqrt(h.shape[1])).float()
 
 
 class TextProjection(nn.Module):
     """c(text, h) for the projection term <c, h>: the pooled text embedding projected to h's width,
     plus (token_pooling) an attention of each h over the text tokens."""
 
-    def __init__(self, cfg: DiscriminatorConfig, width: int, text_width: int, pooled_width: int,
-                 lexical: bool | None = None):
+    def __init__(self, cfg: DiscriminatorConfig, width: int, text_width: int, pooled_width: int):
         super().__init__()
         self.cfg = cfg
-        self.lexical = cfg.text_lexical if lexical is None else lexical  # add the input embeddings here
         self.pooled_proj = nn.Sequential(nn.LayerNorm(pooled_width), nn.Linear(pooled_width, width))
         if cfg.token_pooling:
-            if self.lexical:
+            if cfg.text_lexical:
                 self.text_lexical = nn.Sequential(nn.LayerNorm(text_width, eps=1e-6), nn.Linear(text_width, text_width))
             self.token_norm = nn.LayerNorm(text_width, eps=1e-6)
             self.token_pool = Attention(width, 1, context_width=text_width)
 
     def _tokens(self, features, dtype: torch.dtype) -> torch.Tensor:
         tokens = features.tokens
-        if self.lexical:
+        if self.cfg.text_lexical:
             tokens = tokens + self.text_lexical(features.embeddings.to(tokens.dtype))
         return self.token_norm(tokens.to(dtype))
 
