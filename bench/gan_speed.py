@@ -4,7 +4,7 @@ then G phase, each with its optimizer) for a config and for the same config with
 Each variant is built from the config with its changes, and all of them train on the same demo
 batches, interleaved step by step (so load from other processes hits all alike), with R1 on every
 `gan.r1_every`-th step as in training. images/s = batch size / median step time after two warm-up
-steps. How the matching terms of `configs/gan-tiny-cpu.yaml` were costed (bench/RESULTS.md).
+steps. How the optional matching terms of the GAN were costed (bench/RESULTS.md).
 
     python bench/gan_speed.py --data demo/dataset --text run:demo/text-encoder \\
         --variant '' --variant 'gan.contrastive_weight=1.0,gan.mismatch_hard=1.0,gan.generator.position_queries=true'

@@ -23,8 +23,8 @@ TINY_GAN = [
     "optim.warmup_steps=0", "optim.betas=[0.0, 0.99]", "ema.decay=0.9",
 ]
 
-# The matching terms of configs/gan-tiny-cpu.yaml: contrastive (in groups of 8 here), hard wrong
-# captions, position-aware queries in G.
+# The optional matching terms (off in configs/gan-tiny-cpu.yaml; bench/RESULTS.md): contrastive, in
+# groups of 8 here, hard wrong captions, position-aware queries in G.
 CONTRASTIVE = ["gan.contrastive_weight=1.0", "gan.contrastive_group=8", "gan.mismatch_hard=0.5",
                "gan.generator.position_queries=true"]
 
@@ -227,6 +227,21 @@ def test_clip_feature_discriminator_is_frozen_and_reads_the_caption(tiny_clip):
         build_family(bad, 16, torch.device("cpu"))
     with pytest.raises(ConfigError, match="clip_blocks is for backbone clip"):
         train_config_from_dict({"kind": "gan", "gan": {"discriminator": {"clip_blocks": [0]}}})
+
+
+def test_gan_matching_options_are_checked_before_training(tiny_clip, monkeypatch):
+    """The contrastive groups must divide each process's share of the batch (under torchrun too),
+    and position-aware queries need channels a sine-cosine embedding can fill."""
+    from vgen.families import build_family
+
+    cfg = train_config_from_dict({"kind": "gan", "text_encoder": {"source": f"local-dir:{tiny_clip}"},
+                                  "train": {"batch_size": 32},
+                                  "gan": {"image_size": 16, "contrastive_weight": 1.0, "contrastive_group": 16}})
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match="does not divide the batch of 8 each of 4 process"):
+        build_family(cfg, 16, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="width 66 gives 66"):
+        train_config_from_dict({"kind": "gan", "gan": {"generator": {"width": 66, "position_queries": True}}})
 
 
 def test_conv_discriminator_reads_checkpoints_from_before_text_projection(tiny_clip):

@@ -32,12 +32,6 @@ def test_one_word_neighbours_differ_in_exactly_one_position():
     rng = random.Random(0)
     assert {neighbours.choose("a cat and a dog", rng) for _ in range(50)} == {"a cat and a fish", "a pig and a dog"}
     assert neighbours.choose("a cat", rng) is None
-    # The word to change is drawn first: the one relation neighbour is as likely as all the noun ones.
-    many = OneWordNeighbours([f"a {a} to the {r} of a {b}" for a in ("cat", "dog", "pig", "cow", "hen")
-                              for b in ("fox", "owl") for r in ("left", "right")])
-    picks = [many.choose("a cat to the left of a fox", rng) for _ in range(3000)]
-    assert abs(picks.count("a cat to the right of a fox") / 3000 - 1 / 3) < 0.03
-    assert abs(picks.count("a cat to the left of a owl") / 3000 - 1 / 3) < 0.03  # the only other object
 
 
 def test_clip_loss_ranks_the_swapped_caption_as_a_negative(tmp_path):

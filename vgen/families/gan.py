@@ -16,6 +16,7 @@ random choice (z, the wrong caption, the augmentation parameters) comes from (se
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,9 +186,12 @@ class GanFamily(Family):
         if resolution is not None and gan.image_size != resolution:
             raise ConfigError(f"gan.image_size is {gan.image_size} but the dataset is {resolution} px; "
                               f"set --set gan.image_size={resolution}")
-        if gan.contrastive_weight > 0 and cfg.train.batch_size % gan.contrastive_group:
-            raise ConfigError(f"gan.contrastive_group {gan.contrastive_group} does not divide train.batch_size "
-                              f"{cfg.train.batch_size}")
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; each process trains on its share
+        if gan.contrastive_weight > 0 and (cfg.train.batch_size // world) % gan.contrastive_group:
+            raise ConfigError(f"gan.contrastive_group {gan.contrastive_group} does not divide the batch of "
+                              f"{cfg.train.batch_size // world} each of {world} process(es) trains on "
+                              f"(train.batch_size {cfg.train.batch_size}); set --set gan.contrastive_group=N "
+                              f"with N dividing it")
         clip = load_open_clip(te)
         encoder = TextEncoder(clip, te.mode, te.lora_rank, te.lora_alpha).to(device)
         try:

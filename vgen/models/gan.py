@@ -48,6 +48,11 @@ class GeneratorConfig:
 
     def __post_init__(self) -> None:
         check_bounds(self)
+        attended = {_channels(self.width, 4 << n) for n in range(8) if 4 << n <= self.attention_max_size}
+        odd = sorted(c for c in attended if c % 4)
+        if self.position_queries and odd:
+            raise ValueError(f"position_queries needs channels divisible by 4 (a sine and a cosine per axis) at "
+                             f"every attention size; width {self.width} gives {', '.join(map(str, odd))}")
 
 
 @dataclass
@@ -200,11 +205,13 @@ class Discriminator(nn.Module):
         h = F.leaky_relu(self.final(h), 0.2)
         return F.leaky_relu(self.features(h.flatten(1)), 0.2)
 
-    def forward(self, images: torch.Tensor, features, pairs: int = 0, candidates=None):
+    def forward(self, images: torch.Tensor, features, pairs: int = 0,
+                candidates=None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The logits [B]; with `pairs` = P > 0, also the matching scores [P, M] of the first P
         images against M candidate captions (TextFeatures; default: the first P captions of
         `features`): scores[i, j] = <c(text_j, h_i), h_i> / sqrt(width), the conditional part of the
-        logit image i would get with caption j (for gan.contrastive_weight)."""
+        logit image i would get with caption j (for gan.contrastive_weight), returned as (logits,
+        scores). One call for both, so that DDP sees one forward of D."""
         h = self.embed(images)
         c = self.projection(h[:, None], features)[:, 0]
         logit = (self.unconditional(h)[:, 0] + (c * h).sum(dim=1) / math.sqrt(h.shape[1])).float()

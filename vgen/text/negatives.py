@@ -56,19 +56,11 @@ class OneWordNeighbours:
         for i in range(len(words)):
             yield i, words[:i] + ("",) + words[i + 1:]
 
-    def _by_position(self, caption: str) -> list[list[str]]:
-        """The neighbours of `caption`, one list per word position that has any."""
-        lists = ([other for other in self._by_blank.get(key, ()) if other != caption] for key in self._keys(caption))
-        return [found for found in lists if found]
-
     def of(self, caption: str) -> list[str]:
         """Every caption of the set one word away from `caption` (it need not be in the set)."""
-        return [other for found in self._by_position(caption) for other in found]
+        return [other for key in self._keys(caption) for other in self._by_blank.get(key, ()) if other != caption]
 
     def choose(self, caption: str, rng: random.Random) -> str | None:
-        """One of them, or None when there is none: first the word to change, uniformly among the
-        positions that have a neighbour, then the neighbour. Uniform over all neighbours would
-        almost never change a relation word ("left" has one neighbour, "right"; a noun has dozens),
-        and D would never learn to read it."""
-        positions = self._by_position(caption)
-        return rng.choice(rng.choice(positions)) if positions else None
+        """One of them, uniformly, or None when there is none."""
+        neighbours = self.of(caption)
+        return rng.choice(neighbours) if neighbours else None
