@@ -77,6 +77,24 @@ def kill_after_checkpoints(cmd: list[str], out: Path, count: int) -> None:
     proc.wait()
 
 
+def assert_resume_after_sigkill_is_bit_identical(config: Path, data: Path, tmp_path: Path) -> Path:
+    """Train `config` straight, and again SIGKILLed after its second checkpoint and resumed: the
+    final weights, EMA and optimizer state are equal bit for bit. Returns the resumed run dir."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert run(vgen_train_cmd(config, data, straight)).returncode == 0
+    cmd = vgen_train_cmd(config, data, killed)
+    kill_after_checkpoints(cmd, killed, 2)
+    assert 0 < len(list_checkpoints(killed)), "no checkpoint before the kill"
+    resumed = run(cmd)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr[-3000:]
+    for stem in ("model", "ema", "optimizer"):
+        a, b = final_weights(straight, stem), final_weights(killed, stem)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (stem, k)
+    return killed
+
+
 def assert_two_processes_match_one(config: Path, data: Path, tmp_path: Path, rtol: float = 1e-3) -> Path:
     """Train `config` in one process and under torchrun in two; every weight within `rtol`
     (relative). Returns the two-process run dir."""
@@ -133,23 +151,8 @@ def test_flow_learns_colour_names(assets, tmp_path):
 
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(assets, tmp_path):
-    sets = flow_sets(assets, 40, checkpoint_every=5, every=20)
-    config = write_config(tmp_path / "c.yaml", sets)
-    straight = tmp_path / "straight"
-    assert run(vgen_train_cmd(config, assets["data"], straight)).returncode == 0
-
-    killed = tmp_path / "killed"
-    cmd = vgen_train_cmd(config, assets["data"], killed)
-    kill_after_checkpoints(cmd, killed, 2)
-    assert 0 < len(list_checkpoints(killed)), "no checkpoint before the kill"
-    resumed = run(cmd)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stderr
-    for stem in ("model", "ema"):
-        a, b = final_weights(straight, stem), final_weights(killed, stem)
-        assert a.keys() == b.keys()
-        for k in a:
-            assert torch.equal(a[k], b[k]), (stem, k)
+    config = write_config(tmp_path / "c.yaml", flow_sets(assets, 40, checkpoint_every=5, every=20))
+    killed = assert_resume_after_sigkill_is_bit_identical(config, assets["data"], tmp_path)
     manifest = yaml.safe_load((killed / "run.yaml").read_text())
     assert manifest["status"] == "done" and manifest["progress"]["step"] == 40
     assert len(list_checkpoints(killed)) == 3  # keep_checkpoints
@@ -291,3 +294,24 @@ def test_compile_keeps_checkpoint_format_and_numbers(assets, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5), k
+
+
+def test_a_thread_count_the_user_set_is_kept(monkeypatch):
+    """OMP_NUM_THREADS (two runs side by side, one thread each) wins over vgen's share of the cores."""
+    import os
+
+    from vgen.distributed import init_distributed
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one core: vgen's own choice is one thread too")
+    threads = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        init_distributed("cpu")
+        assert torch.get_num_threads() == 1
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        init_distributed("cpu")
+        assert torch.get_num_threads() == os.cpu_count()
+    finally:
+        torch.set_num_threads(threads)

@@ -49,8 +49,10 @@ def init_distributed(device_name: str = "auto") -> Distributed:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cpu":
-        # Processes on one machine share its cores; oversubscription makes every step slower.
+    if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+        # Processes on one machine share its cores; oversubscription makes every step slower (two
+        # runs side by side on 2 cores, 2 threads each: 4x slower than 1 each). A thread count the
+        # user set (OMP_NUM_THREADS, which torch reads) is theirs to keep.
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return Distributed(rank, world_size, local_rank, device)

@@ -150,12 +150,13 @@ def load_run(run_dir: str | Path, checkpoint: str | int = "latest", device: str 
     run_dir, manifest = _read_run(Path(run_dir))
     manifest_path = run_dir / RUN_MANIFEST
     cfg = _run_config(run_dir, manifest)
-    if not family_class(cfg.kind).generates:
-        source = "run:" + str(run_dir)
-        drawing = ", ".join(k for k in FAMILIES if family_class(k).generates)
-        raise ManifestError(f"{manifest_path}: a {cfg.kind} run draws no images; `vgen generate` needs a run of "
-                            f"kind {drawing}. To condition one on this run, train it with "
-                            f"--set text_encoder.source={source}")
+    reason = family_class(cfg.kind).why_no_images(cfg, run_dir)
+    if reason:
+        from vgen.families.config import config_class
+
+        drawing = [k for k in FAMILIES if family_class(k).why_no_images(config_class(k)(), run_dir) is None]
+        raise ManifestError(f"{manifest_path}: {reason} (kinds that draw as configured by default: "
+                            f"{', '.join(drawing)})")
     which = _parse_checkpoint(checkpoint)
     path, state = ckpt.resolve_checkpoint(run_dir, which, warn=warn or (lambda m: print(m, file=sys.stderr)))
     torch_device = resolve_device(device)

@@ -13,6 +13,7 @@ from vgen.errors import ConfigError
 FAMILIES = {
     "flow": "vgen.families.flow:FlowFamily",  # rectified flow (text-to-image)
     "gan": "vgen.families.gan:GanFamily",  # a text-conditioned GAN, one-step generation
+    "vae": "vgen.families.vae:VaeFamily",  # a KL autoencoder: the latent codec, or a conditional VAE generator
     "clip": "vgen.families.clip:ClipFamily",  # contrastive image-text training (a text encoder)
 }
 

@@ -64,7 +64,6 @@ class Family:
     uses_text_encoder: ClassVar[bool] = True  # whether the config has a `text_encoder` section
     supports: ClassVar[frozenset[str]] = frozenset()  # keys of SAMPLER_OPTIONS the sampler takes
     samplers: ClassVar[tuple[str, ...]] = ()  # the values --sampler takes, if it takes one
-    generates: ClassVar[bool] = True  # False: a model that draws nothing (clip)
 
     model: nn.Module  # the root of every trained module (what model.safetensors holds)
 
@@ -105,6 +104,12 @@ class Family:
         return {"format": f"vgen-{self.kind}"}
 
     # --- inference (vgen.runs, vgen generate) ---
+    @classmethod
+    def why_no_images(cls, cfg, run_dir: Path) -> str | None:
+        """None when a run of this config draws images from prompts (`vgen generate`), else why it
+        does not and what to do instead."""
+        return None
+
     @property
     def image_shape(self) -> tuple[int, int, int]:
         raise NotImplementedError(f"{self.kind} runs draw no images")

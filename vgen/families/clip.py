@@ -75,7 +75,11 @@ class ClipFamily(Family):
     section = "clip"
     Config = ClipConfig
     uses_text_encoder = False  # it trains its own
-    generates = False
+
+    @classmethod
+    def why_no_images(cls, cfg, run_dir: Path) -> str | None:
+        return (f"a clip run draws no images (it trains a text encoder); to condition a generator on it, train "
+                f"one with --set text_encoder.source=run:{run_dir}")
 
     def __init__(self, cfg, resolution: int, device: torch.device):
         import open_clip

@@ -82,6 +82,13 @@ class GanConfig:
     # the group computes the same loss as one process. Needs discriminator.backbone conv.
     contrastive_weight: float = bounded(0.0, ge=0)
     contrastive_group: int = bounded(16, ge=2)
+    # Paired reconstruction (pix2pix's L1 term, Isola et al. 2017, arXiv:1611.07004, eq. 3): G also
+    # minimises this weight times |G(z, caption) - x| for the real image x of that caption, compared
+    # after average pooling both to `reconstruction_size` px (0: the image size). The caption's own
+    # image says where each named object goes, a signal D's judgement gives only indirectly; pooled
+    # to a coarse grid it asks for the layout and colours and leaves the details to D.
+    reconstruction_weight: float = bounded(0.0, ge=0)
+    reconstruction_size: int = bounded(0, ge=0)
     d_optim: GanOptimConfig = field(default_factory=GanOptimConfig)  # the discriminator's AdamW (G's: `optim`)
     sample_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_SAMPLE_PROMPTS))
     sample_seeds: int = bounded(4, ge=1)
@@ -93,6 +100,9 @@ class GanConfig:
         if self.contrastive_weight > 0 and self.discriminator.backbone != "conv":
             raise ValueError(f"contrastive_weight needs discriminator.backbone: conv (the one whose projection "
                              f"scores every caption of a group); backbone is {self.discriminator.backbone}")
+        size = self.reconstruction_size
+        if size and (size > self.image_size or self.image_size % size):
+            raise ValueError(f"reconstruction_size {size} must divide image_size {self.image_size}")
         unknown = [a for a in self.augment if a not in AUGMENTS]
         if unknown:
             raise ValueError(f"augment: unknown {', '.join(unknown)}; expected some of {', '.join(AUGMENTS)}")
@@ -349,6 +359,12 @@ class GanFamily(Family):
             matching, logs["g_match"] = contrastive_loss(scores, batch["captions"], batch["wrong_captions"],
                                                          gan.contrastive_group)
             loss = loss + gan.contrastive_weight * matching
+        if gan.reconstruction_weight > 0:
+            size = gan.reconstruction_size or gan.image_size
+            error = F.adaptive_avg_pool2d(fake.float(), size) - F.adaptive_avg_pool2d(batch["real"].float(), size)
+            reconstruction = error.abs().mean()
+            loss = loss + gan.reconstruction_weight * reconstruction
+            logs["g_l1"] = reconstruction.detach()
         if gan.clip_guidance > 0:
             cos = F.cosine_similarity(image, text.pooled.float(), dim=-1)
             distance = torch.arccos(cos.clamp(-1 + 1e-6, 1 - 1e-6)).pow(2).mean()
