@@ -172,7 +172,7 @@ def test_flow_trains_a_unet_with_no_other_change(assets, tmp_path):
 
 
 def test_diff_augment_known_answers():
-    from vgen.families.gan import diff_augment
+    from vgen.families.gan_terms import diff_augment
 
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8) / 400 - 0.5
     neutral = torch.full((2, 7), 0.5)
@@ -287,7 +287,7 @@ def test_contrastive_loss_known_answers():
     with the image's own caption text is no negative; another group's columns do not count."""
     import math
 
-    from vgen.families.gan import contrastive_loss
+    from vgen.families.gan_terms import contrastive_loss
 
     o = 50.0  # another group's column: it would dominate if it counted
     scores = torch.tensor([[2.0, 0.0, o, o, 0.0, 1.0, o, o],
