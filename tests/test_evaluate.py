@@ -187,9 +187,9 @@ def test_missing_twemoji_makes_compositional_unavailable(assets, tmp_path, monke
 def test_usage_errors(assets, tmp_path, vgen_cli):
     data, run = assets["data"], assets["run"]
     cases = [
-        (("evaluate", "--data", data, "--out", tmp_path / "e"), "either GEN_DIR"),
+        (("evaluate", "--data", data, "--out", tmp_path / "e"), "give one of GEN_DIR"),
         (("evaluate", tmp_path, "--run", run, "--benchmark", "emoji-scenes", "--data", data, "--out", tmp_path / "e"),
-         "not both"),
+         "give one of GEN_DIR"),
         (("evaluate", "--run", run, "--data", data, "--out", tmp_path / "e"), "--benchmark emoji-scenes"),
         (("evaluate", "--run", run, "--benchmark", "coco", "--data", data, "--out", tmp_path / "e"), "unknown 'coco'"),
         (("evaluate", tmp_path, "--data", data, "--out", tmp_path / "e", "--metrics", "fid,iq"), "unknown 'iq'"),

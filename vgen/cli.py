@@ -267,6 +267,7 @@ def evaluate(
     data: Annotated[Path, typer.Option("--data", "-d", help="Dataset dir (vgen preprocess): its val split is the reference set.")] = ...,
     out: Annotated[Path, typer.Option("--out", "-o", help="Evaluation dir to write: evaluation.yaml, report.html, images/.")] = ...,
     run: Annotated[Optional[Path], typer.Option("--run", "-r", help="A generator run (any family) to evaluate on --benchmark (generates the images itself).")] = None,
+    codec: Annotated[Optional[str], typer.Option(help="A codec to evaluate on the val split instead (run:VAE_RUN, diffusers:DIR): PSNR, SSIM, rFID of its reconstructions.")] = None,
     benchmark: Annotated[Optional[str], typer.Option(help="With --run: the benchmark whose prompts to generate (emoji-scenes).")] = None,
     metrics: Annotated[Optional[str], typer.Option(help="Comma-separated: fid,kid,precision-recall,fd-clip,kid-clip,clip-score,compositional,memorization \\[default: all].")] = None,
     clip: Annotated[Optional[str], typer.Option(help="CLIP for FD/KID[clip] and CLIP score: run:PATH, local-dir:PATH, ... \\[default: the generator's text encoder].")] = None,
@@ -292,17 +293,22 @@ def evaluate(
     Each number carries its N, its feature extractor (id + weights sha256) and its reference set; a
     metric whose weights are not installed is reported as unavailable.
 
+    With --codec, the reconstructions of an autoencoder instead: PSNR, SSIM and rFID (FID of the
+    reconstructions against the originals) of the val split, and a grid of both.
+
     Examples:
       vgen evaluate --run demo/model --benchmark emoji-scenes --data demo/dataset --out demo/eval
       vgen evaluate demo/samples --data demo/dataset --out demo/eval-samples --metrics clip-score,compositional
+      vgen evaluate --codec run:demo/vae --data demo/dataset-64 --out demo/eval-vae
     """
     from vgen.errors import UsageError
     from vgen.evaluate.evaluation import EvalOptions, parse_metrics
     from vgen.evaluate.runner import BenchmarkSettings, evaluate_benchmark, evaluate_generation_dir
     from vgen.ui import console, metric_table, progress_bar, say
 
-    if (gen_dir is None) == (run is None):
-        raise UsageError("give either GEN_DIR (a `vgen generate` dir) or --run RUN --benchmark emoji-scenes, not both")
+    if sum(x is not None for x in (gen_dir, run, codec)) != 1:
+        raise UsageError("give one of GEN_DIR (a `vgen generate` dir), --run RUN --benchmark emoji-scenes, or "
+                         "--codec SOURCE (an autoencoder's reconstructions)")
     if run is not None and benchmark is None:
         raise UsageError("--run needs --benchmark emoji-scenes (which prompts to generate)")
     if gen_dir is not None and benchmark is not None:
@@ -317,7 +323,11 @@ def evaluate(
     def log(message: str) -> None:
         say(message)
 
-    if run is not None:
+    if codec is not None:
+        from vgen.evaluate.reconstruction import evaluate_codec
+
+        manifest = evaluate_codec(codec, data, out, options, overwrite, progress_bar, log)
+    elif run is not None:
         settings = BenchmarkSettings(fid_images=fid_images, per_relation=per_relation, per_prompt=per_prompt,
                                      seed=seed, steps=steps, guidance=guidance, sampler=sampler,
                                      batch_size=batch_size, precision=precision, checkpoints=checkpoints)

@@ -42,6 +42,7 @@ class LoadedRun:
     device: torch.device
     precision: str  # fp32 | bf16 (autocast)
     load_seconds: float
+    codec: dict | None = None  # the latent codec it draws through, as training recorded it (None: pixels)
 
     @property
     def kind(self) -> str:
@@ -68,14 +69,25 @@ def _not_a_run(run_dir: Path) -> ManifestError:
 
 
 def resolve_text_source(source: str, run_dir: Path, manifest: dict, manifest_path: Path) -> str:
-    """A relative path in `text_encoder.source` is relative to the directory training ran in.
+    """A relative path in `text_encoder.source` is relative to the directory training ran in."""
+    from vgen.text.sources import LOCAL_DIR_PREFIX, RUN_PREFIX
+
+    return resolve_recorded_source(source, "text_encoder.source", (RUN_PREFIX, LOCAL_DIR_PREFIX), run_dir, manifest,
+                                   manifest_path)
+
+
+def resolve_recorded_source(source: str, key: str, prefixes: tuple[str, ...], run_dir: Path, manifest: dict,
+                            manifest_path: Path) -> str:
+    """A relative path in a recorded source (`key`, e.g. `run:demo/text-encoder`) is relative to the
+    directory training ran in.
 
     Tried in order: the current directory, the one training recorded (`environment.cwd`), then every
     parent of the run dir (so `run:demo/text-encoder` of `demo/model` is found from anywhere).
+    A source that is not a path (a pretrained tag, a hub repo id) is returned as it is.
     """
-    from vgen.text.sources import LOCAL_DIR_PREFIX, RUN_PREFIX, looks_like_path
+    from vgen.text.sources import looks_like_path
 
-    prefix = next((p for p in (RUN_PREFIX, LOCAL_DIR_PREFIX) if source.startswith(p)), None)
+    prefix = next((p for p in prefixes if source.startswith(p)), None)
     if prefix is None:
         if not looks_like_path(source):
             return source  # a pretrained tag or `random`
@@ -91,8 +103,10 @@ def resolve_text_source(source: str, run_dir: Path, manifest: dict, manifest_pat
     for base in bases:
         if (base / path).exists():
             return prefix + str((base / path).resolve())
+    if prefix == "diffusers:" and not source[len(prefix):].startswith((".", "~")):
+        return source  # owner/name[/subfolder]: a repo id of the Hugging Face cache, not a path
     raise UsageError(
-        f"{manifest_path}: text_encoder.source {source!r} is a path relative to the directory training ran "
+        f"{manifest_path}: {key} {source!r} is a path relative to the directory training ran "
         f"in, and it is neither under the current directory{', ' + recorded if recorded else ''} nor under a "
         f"parent of {run_dir}; run `vgen generate` from the directory `vgen train` ran in")
 
@@ -116,6 +130,13 @@ def _run_config(run_dir: Path, manifest: dict):
     if hasattr(cfg, "text_encoder"):
         source = resolve_text_source(cfg.text_encoder.source, run_dir, manifest, manifest_path)
         cfg = dataclasses.replace(cfg, text_encoder=dataclasses.replace(cfg.text_encoder, source=source))
+    if hasattr(cfg, "codec"):
+        from vgen.codecs import SOURCE_PREFIXES
+
+        # the codec training measured (e.g. run:demo/vae@2000, the checkpoint it was, not the latest now)
+        recorded = (manifest.get("codec") or {}).get("source") or cfg.codec
+        source = resolve_recorded_source(str(recorded), "codec", SOURCE_PREFIXES, run_dir, manifest, manifest_path)
+        cfg = dataclasses.replace(cfg, codec=source)
     return cfg
 
 
@@ -167,6 +188,7 @@ def load_run(run_dir: str | Path, checkpoint: str | int = "latest", device: str 
 
     resolution = (manifest.get("dataset") or {}).get("resolution")
     family = build_family(cfg, resolution, torch_device)
+    family.restore(manifest, str(manifest_path))
     model = family.ema_target()
     trained_with = (manifest.get("export") or {}).get("text_encoder")
     if trained_with and trained_with != model.text_encoder.id:
@@ -182,4 +204,5 @@ def load_run(run_dir: str | Path, checkpoint: str | int = "latest", device: str 
     model.eval().requires_grad_(False)
     return LoadedRun(family=family, model=model, cfg=cfg, run_dir=run_dir, run_manifest_sha256=sha256_file(manifest_path),
                      checkpoint=path, step=int(state["step"]), sha256=state["files"]["ema"]["sha256"],
-                     device=torch_device, precision=precision, load_seconds=time.perf_counter() - start)
+                     device=torch_device, precision=precision, load_seconds=time.perf_counter() - start,
+                     codec=manifest.get("codec"))

@@ -142,15 +142,17 @@ class ImageCaptionDataset(Dataset):
                                 f"but {INDEX_FILE} says {self.ids[i]}; the dataset is inconsistent")
         return torch.from_numpy(np.array(arrays["images"][row]))
 
-    def item(self, i: int, caption_seed: int | None = None) -> dict:
+    def caption(self, i: int, caption_seed: int | None = None) -> str:
+        """One of image i's captions: chosen by `caption_seed`, or at random (torch's generator)."""
         captions = self.captions[i]
         if not captions:
-            caption = ""
-        elif caption_seed is None:
-            caption = captions[int(torch.randint(len(captions), ()))]
-        else:
-            caption = captions[random.Random(caption_seed).randrange(len(captions))]
-        return {"image": self.image(i), "caption": caption, "id": self.ids[i]}
+            return ""
+        if caption_seed is None:
+            return captions[int(torch.randint(len(captions), ()))]
+        return captions[random.Random(caption_seed).randrange(len(captions))]
+
+    def item(self, i: int, caption_seed: int | None = None) -> dict:
+        return {"image": self.image(i), "caption": self.caption(i, caption_seed), "id": self.ids[i]}
 
     def __getitem__(self, i: int) -> dict:
         return self.item(i)

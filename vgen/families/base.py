@@ -62,6 +62,7 @@ class Family:
     Config: ClassVar[type | None] = None  # its dataclass
     Optim: ClassVar[type] = OptimConfig  # the `optim:` section's dataclass: its defaults are the family's
     uses_text_encoder: ClassVar[bool] = True  # whether the config has a `text_encoder` section
+    uses_codec: ClassVar[bool] = False  # whether the config has a `codec` (vgen.codecs): pixels or latents
     supports: ClassVar[frozenset[str]] = frozenset()  # keys of SAMPLER_OPTIONS the sampler takes
     samplers: ClassVar[tuple[str, ...]] = ()  # the values --sampler takes, if it takes one
 
@@ -90,6 +91,16 @@ class Family:
     def matmul_width(self) -> int:
         """A typical matmul width, for the precision fallback that times one (vgen.train.precision)."""
         return 256
+
+    def prepare(self, train_set, val_set, on_main: Callable) -> dict:
+        """Work done once before training, on the data (e.g. encoding it to a codec's latents;
+        `on_main(work)` runs `work` on the main process only, the others waiting). Returns what it
+        measured, recorded at the top level of run.yaml and given back to `restore` at inference."""
+        return {}
+
+    def restore(self, recorded: dict, where: str) -> None:
+        """Inference: take back what `prepare` recorded (`recorded`: run.yaml; `where`: its path,
+        for errors)."""
 
     def make_batch(self, dataset, order, step: int, indices: list[int]) -> dict:
         raise NotImplementedError

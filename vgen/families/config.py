@@ -2,6 +2,7 @@
 
     kind: flow              which family (vgen.families.FAMILIES)
     text_encoder: ...       the text tower the generator is conditioned on (families that use one)
+    codec: pixels           the space the generator is trained in (vgen.codecs; families that use one)
     flow: ...               the family's own section (its `section` and `Config`)
     optim: / ema: / train:  the optimiser, the weight average and the loop, shared by all
 
@@ -75,7 +76,7 @@ class LoopConfig:
 
 @functools.cache
 def config_class(kind: str) -> type:
-    """The dataclass of a `kind` run's config: kind, [text_encoder], [the family's section], optim,
+    """The dataclass of a `kind` run's config: kind, [text_encoder], [codec], [the family's section], optim,
     ema, train (in that order, which is the order run.yaml records them in)."""
     from vgen.families import family_class
 
@@ -83,6 +84,8 @@ def config_class(kind: str) -> type:
     fields: list[tuple[str, Any, Any]] = [("kind", str, field(default=kind))]
     if family.uses_text_encoder:
         fields.append(("text_encoder", TextEncoderConfig, field(default_factory=TextEncoderConfig)))
+    if family.uses_codec:  # pixels | run:VAE_RUN | diffusers:DIR_OR_REPO (vgen.codecs)
+        fields.append(("codec", str, field(default="pixels")))
     if family.section:
         fields.append((family.section, family.Config, field(default_factory=family.Config)))
     fields += [("optim", family.Optim, field(default_factory=family.Optim)),

@@ -1,9 +1,12 @@
 """Kind `flow`: a text-conditioned rectified-flow generator (vgen.diffusion.flow) on any network of
-vgen.models.NETWORKS (`flow.network.type`: dit, unet)."""
+vgen.models.NETWORKS (`flow.network.type`: dit, unet), in pixel space or in a codec's latent space
+(`codec:`, vgen.codecs): the network's `image_size` and `channels` are those of the space it
+works in (16 and 4 for 64 px images through a factor-4 codec with 4 latent channels)."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,10 +14,12 @@ from typing import Any
 import torch
 
 from vgen.atomic import atomic_path
+from vgen.codecs import ModelSpace, load_codec
+from vgen.codecs.cache import encode_split
 from vgen.config import bounded, check_bounds, chosen_by
 from vgen.diffusion.flow import flow_loss, interpolate, logit_normal_t
 from vgen.diffusion.samplers import SAMPLERS, classifier_free_guidance, time_grid, truncate_grid
-from vgen.errors import ConfigError
+from vgen.errors import ConfigError, ManifestError
 from vgen.families.base import DEFAULT_SAMPLE_PROMPTS, Family, Phase, SampleSettings
 from vgen.grid import images_to_float, make_grid, to_uint8
 from vgen.models import NETWORK_CONFIGS, build_network
@@ -93,17 +98,68 @@ class FlowFamily(Family):
     Config = FlowConfig
     supports = frozenset({"steps", "sampler", "guidance", "negative_prompt", "init_image", "mask"})
     samplers = tuple(SAMPLERS)
+    uses_codec = True
 
     def __init__(self, cfg, resolution: int, device: torch.device):
         from vgen.text.encoder import load_text_encoder
 
         super().__init__(cfg, resolution, device)
         net = cfg.flow.network
-        if resolution is not None and net.image_size != resolution:
-            raise ConfigError(f"flow.network.image_size is {net.image_size} but the dataset is {resolution} px; "
-                              f"set --set flow.network.image_size={resolution}")
+        codec = load_codec(cfg.codec, net.channels, device)
+        self.space = ModelSpace(codec)
+        if resolution is not None:
+            self.resolution = resolution
+            try:
+                shape = codec.latent_shape(resolution)
+            except ValueError as e:
+                raise ConfigError(f"codec {cfg.codec}: {e}") from None
+            if (net.channels, net.image_size) != shape[:2]:
+                through = "" if codec.is_pixels else f" through codec {cfg.codec} ({codec.channels} channels, /{codec.factor})"
+                raise ConfigError(f"flow.network is {net.channels} x {net.image_size} px, but the dataset's {resolution} px "
+                                  f"images are {shape[0]} x {shape[1]} px{through}; set --set "
+                                  f"flow.network.image_size={shape[1]} --set flow.network.channels={shape[0]}")
+        else:
+            self.resolution = net.image_size * codec.factor
         encoder = load_text_encoder(cfg.text_encoder).to(device)
         self.model = TextToImageFlow(build_network(net, encoder.width, encoder.embed_dim), encoder).to(device)
+        self._encoded: dict[int, torch.Tensor] = {}  # id(dataset) -> its standardized latents (latent codecs)
+
+    def prepare(self, train_set, val_set, on_main) -> dict:
+        """A latent codec: encode both splits once (cached on disk, vgen.codecs.cache), and measure
+        the standardization on the training set's latents."""
+        codec = self.space.codec
+        if codec.is_pixels:
+            return {}
+        from vgen.data.dataset import dataset_content_sha256
+
+        sha = dataset_content_sha256(train_set.root)
+        for dataset in dict.fromkeys([train_set, val_set]):
+            on_main(lambda: encode_split(codec, dataset, sha, self.device))  # written once, then read by all
+            self._encoded[id(dataset)] = encode_split(codec, dataset, sha, self.device, write=False)
+        self.space.shift, self.space.scale = ModelSpace.measure(self._encoded[id(train_set)])
+        for key, latents in self._encoded.items():
+            self._encoded[key] = self.space.standardize(latents)
+        return {"codec": self.space.describe()}
+
+    def restore(self, recorded: dict, where: str) -> None:
+        codec = self.space.codec
+        if codec.is_pixels:
+            return
+        entry = recorded.get("codec")
+        if not isinstance(entry, dict) or not {"shift", "scale", "sha256"} <= set(entry):
+            raise ManifestError(f"{where}: codec: expected the latent codec's source, sha256, shift and scale that "
+                                f"training recorded, got {entry!r}")
+        if entry["sha256"] != codec.sha256:
+            raise ManifestError(f"{where}: the run was trained in the latents of codec {entry.get('source')} (sha256 "
+                                f"{str(entry['sha256'])[:12]}), but {codec.source} now holds {str(codec.sha256)[:12]}; "
+                                "the generator only knows the latents it was trained in")
+        self.space.shift, self.space.scale = float(entry["shift"]), float(entry["scale"])
+
+    def _model_space(self, dataset, indices: list[int]) -> torch.Tensor:
+        """Dataset images `indices` in the space the network works in, on the device."""
+        if self.space.codec.is_pixels:
+            return images_to_float(torch.stack([dataset.image(i) for i in indices])).to(self.device)
+        return self._encoded[id(dataset)][indices].to(self.device)
 
     def compile(self) -> None:
         """torch.compile the denoiser only: tokenizing and the text cache are Python, not graphs."""
@@ -119,17 +175,16 @@ class FlowFamily(Family):
     def make_batch(self, dataset, order, step: int, indices: list[int]) -> dict:
         """Images, captions and the per-sample noise, timestep and dropout of global samples `indices`."""
         seed, flow = self.cfg.train.seed, self.cfg.flow
-        images, captions, noise, normals, drops = [], [], [], [], []
+        captions, noise, normals, drops = [], [], [], []
         for g in indices:
-            item = dataset.item(order(g), caption_seed=mix_seed(seed, STREAM_CAPTION, g))
+            caption = dataset.caption(order(g), caption_seed=mix_seed(seed, STREAM_CAPTION, g))
             rng = generator(seed, STREAM_SAMPLE, g)
-            images.append(item["image"])
-            noise.append(torch.randn(item["image"].shape, generator=rng))
+            noise.append(torch.randn(self.model_shape, generator=rng))
             normals.append(torch.randn((), generator=rng))
             drops.append(torch.rand((), generator=rng) < flow.cond_dropout)
-            captions.append("" if drops[-1] else item["caption"])
+            captions.append("" if drops[-1] else caption)
         return {
-            "x0": images_to_float(torch.stack(images)).to(self.device),
+            "x0": self._model_space(dataset, [order(g) for g in indices]),
             "noise": torch.stack(noise).to(self.device),
             "t": logit_normal_t(torch.stack(normals), flow.logit_mean, flow.logit_std).to(self.device),
             "captions": captions,
@@ -155,8 +210,8 @@ class FlowFamily(Family):
         total = 0.0
         for start in range(0, n, 64):
             idx = list(range(start, min(n, start + 64)))
-            x0 = images_to_float(torch.stack([dataset.item(i, caption_seed=i)["image"] for i in idx])).to(self.device)
-            captions = [dataset.item(i, caption_seed=i)["caption"] for i in idx]
+            x0 = self._model_space(dataset, idx)
+            captions = [dataset.caption(i, caption_seed=i) for i in idx]
             noise = torch.stack([torch.randn(x0.shape[1:], generator=generator(0, STREAM_VALIDATION, i)) for i in idx])
             t = torch.tensor([(i + 0.5) / n for i in idx])
             noise, t = noise.to(self.device), t.to(self.device)
@@ -180,6 +235,12 @@ class FlowFamily(Family):
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
+        channels = self.cfg.flow.network.channels if self.space.codec.is_pixels else 3
+        return channels, self.resolution, self.resolution
+
+    @property
+    def model_shape(self) -> tuple[int, int, int]:
+        """The shape the network draws in: the image's, or the codec's latent grid."""
         net = self.cfg.flow.network
         return net.channels, net.image_size, net.image_size
 
@@ -188,7 +249,25 @@ class FlowFamily(Family):
 
     def sample(self, model, prompts, seeds, settings: SampleSettings, autocast, device) -> torch.Tensor:
         """Euler/Heun + classifier-free guidance: the same function for the training grids and
-        `vgen generate`, so a grid and a generation agree."""
-        return sample_flow(model, prompts, seeds, self.image_shape, steps=settings.steps, guidance=settings.guidance,
-                           sampler=settings.sampler, negative_prompts=settings.negative_prompts, edit=settings.edit,
-                           autocast=autocast, device=device)
+        `vgen generate`, so a grid and a generation agree. Through a latent codec, the edit's image
+        is encoded and its mask taken to the latent grid (vgen.codecs.base.Codec.mask_to_latent);
+        after decoding, the pixels outside the mask are the input's own again, so "known pixels
+        are kept" holds exactly as in pixel space (the latents alone would keep them only to the
+        codec's reconstruction error)."""
+        edit = settings.edit
+        if self.space.codec.is_pixels:
+            return sample_flow(model, prompts, seeds, self.image_shape, steps=settings.steps,
+                               guidance=settings.guidance, sampler=settings.sampler,
+                               negative_prompts=settings.negative_prompts, edit=edit, autocast=autocast, device=device)
+        latent_edit = None
+        if edit is not None:
+            mask = None if edit.mask is None else self.space.codec.mask_to_latent(edit.mask)
+            latent_edit = dataclasses.replace(edit, image=self.space.encode(edit.image[None].to(device))[0], mask=mask)
+        z = sample_flow(model, prompts, seeds, self.model_shape, steps=settings.steps, guidance=settings.guidance,
+                        sampler=settings.sampler, negative_prompts=settings.negative_prompts, edit=latent_edit,
+                        autocast=autocast, device=device)
+        images = self.space.decode(z)
+        if edit is not None and edit.mask is not None:
+            regenerate = edit.mask.to(device)
+            images = regenerate * images + (1 - regenerate) * edit.image.to(device)
+        return images

@@ -144,9 +144,10 @@ class VaeFamily(Family):
     def why_no_images(cls, cfg, run_dir: Path) -> str | None:
         if cfg.vae.text_conditioned:
             return None
-        return ("this vae run is an autoencoder (vae.text_conditioned is false): it encodes and decodes images "
-                "(a codec for latent generation) but draws none from prompts; train one with --set "
-                "vae.text_conditioned=true for a generator")
+        return (f"this vae run is an autoencoder (vae.text_conditioned is false): it encodes and decodes images "
+                f"(a codec: `codec: run:{run_dir}` in a flow config; `vgen evaluate --codec run:{run_dir}` measures "
+                "its reconstructions) but draws none from prompts; train one with --set vae.text_conditioned=true "
+                "(configs/vae-text-cpu.yaml) for a generator")
 
     def ema_target(self) -> nn.Module:
         return self.model.ae

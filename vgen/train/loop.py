@@ -267,6 +267,7 @@ def _train(cfg, data_dir: Path, run_dir: Path, dist: Distributed, start_over: bo
 
     torch.manual_seed(loop.seed)  # the initial weights; DDP broadcasts rank 0's anyway
     family = build_family(cfg, train_set.resolution, device)
+    prepared = family.prepare(train_set, val_set, lambda work: _on_main(dist, work))
     model = family.model
     ema_target = family.ema_target()
     ema = make_ema(ema_target, share=family.shared_modules())
@@ -328,6 +329,7 @@ def _train(cfg, data_dir: Path, run_dir: Path, dist: Distributed, start_over: bo
                          "nonfinite_skipped": nonfinite},
             "checkpoints": [{"step": int(p.name.split("-")[1]), "path": str(p.relative_to(run_dir)),
                              "sha256": sha256_file(p / "checkpoint.yaml")} for p in ckpt.list_checkpoints(run_dir)],
+            **prepared,  # what the family measured on the data before training (e.g. its codec's latent scale)
         }
         if export:
             body["export"] = export
