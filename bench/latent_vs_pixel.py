@@ -34,7 +34,7 @@ def vgen(*args) -> float:
 
 
 def train(config: str, out: Path, data: Path, sets: list[str]) -> float:
-    if (out / "run.yaml").is_file() and yaml.safe_load((out / "run.yaml").read_text()).get("status") == "finished":
+    if (out / "run.yaml").is_file() and yaml.safe_load((out / "run.yaml").read_text()).get("status") == "done":
         return float("nan")  # trained by an earlier call: its minutes are in its metrics.jsonl
     return vgen("train", "-c", config, "-d", data, "-o", out, *[a for s in sets for a in ("--set", s)])
 
