@@ -111,6 +111,24 @@ def test_diffusers_codec_loads_a_saved_autoencoder_kl(assets, tmp_path):
     assert load_codec(f"diffusers:{tmp_path / 'pipeline'}", 3).sha256 == codec.sha256
 
 
+def test_a_recorded_codec_name_is_a_repo_id_only_where_the_prefix_allows_one(tmp_path):
+    from vgen.codecs import REPO_ID_PREFIXES, SOURCE_PREFIXES
+    from vgen.runs import resolve_recorded_source
+
+    run_dir, manifest = tmp_path / "runs" / "latent", {}
+    run_dir.mkdir(parents=True)
+    (tmp_path / "runs" / "sd-vae").mkdir()  # a folder under a parent of the run dir wins over a repo id
+    found = resolve_recorded_source("diffusers:sd-vae", "codec", SOURCE_PREFIXES, run_dir, manifest,
+                                    run_dir / "run.yaml", repo_id_prefixes=REPO_ID_PREFIXES)
+    assert found == "diffusers:" + str((tmp_path / "runs" / "sd-vae").resolve())
+    repo = resolve_recorded_source("diffusers:stabilityai/sd-vae-ft-mse", "codec", SOURCE_PREFIXES, run_dir,
+                                   manifest, run_dir / "run.yaml", repo_id_prefixes=REPO_ID_PREFIXES)
+    assert repo == "diffusers:stabilityai/sd-vae-ft-mse"
+    with pytest.raises(UsageError, match="run:no-such/vae"):  # a run: source is always a path
+        resolve_recorded_source("run:no-such/vae", "codec", SOURCE_PREFIXES, run_dir, manifest,
+                                run_dir / "run.yaml", repo_id_prefixes=REPO_ID_PREFIXES)
+
+
 def test_diffusers_codec_never_downloads_and_says_how_to_provide(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

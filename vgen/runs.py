@@ -77,13 +77,14 @@ def resolve_text_source(source: str, run_dir: Path, manifest: dict, manifest_pat
 
 
 def resolve_recorded_source(source: str, key: str, prefixes: tuple[str, ...], run_dir: Path, manifest: dict,
-                            manifest_path: Path) -> str:
+                            manifest_path: Path, repo_id_prefixes: tuple[str, ...] = ()) -> str:
     """A relative path in a recorded source (`key`, e.g. `run:demo/text-encoder`) is relative to the
     directory training ran in.
 
     Tried in order: the current directory, the one training recorded (`environment.cwd`), then every
     parent of the run dir (so `run:demo/text-encoder` of `demo/model` is found from anywhere).
-    A source that is not a path (a pretrained tag, a hub repo id) is returned as it is.
+    A source that is not a path (a pretrained tag, a hub repo id) is returned as it is; after one of
+    `repo_id_prefixes`, a relative name found under none of those directories is taken for a repo id.
     """
     from vgen.text.sources import looks_like_path
 
@@ -103,7 +104,7 @@ def resolve_recorded_source(source: str, key: str, prefixes: tuple[str, ...], ru
     for base in bases:
         if (base / path).exists():
             return prefix + str((base / path).resolve())
-    if prefix == "diffusers:" and not source[len(prefix):].startswith((".", "~")):
+    if prefix in repo_id_prefixes and not source[len(prefix):].startswith((".", "~")):
         return source  # owner/name[/subfolder]: a repo id of the Hugging Face cache, not a path
     raise UsageError(
         f"{manifest_path}: {key} {source!r} is a path relative to the directory training ran "
@@ -131,11 +132,12 @@ def _run_config(run_dir: Path, manifest: dict):
         source = resolve_text_source(cfg.text_encoder.source, run_dir, manifest, manifest_path)
         cfg = dataclasses.replace(cfg, text_encoder=dataclasses.replace(cfg.text_encoder, source=source))
     if hasattr(cfg, "codec"):
-        from vgen.codecs import SOURCE_PREFIXES
+        from vgen.codecs import REPO_ID_PREFIXES, SOURCE_PREFIXES
 
         # the codec training measured (e.g. run:demo/vae@2000, the checkpoint it was, not the latest now)
         recorded = (manifest.get("codec") or {}).get("source") or cfg.codec
-        source = resolve_recorded_source(str(recorded), "codec", SOURCE_PREFIXES, run_dir, manifest, manifest_path)
+        source = resolve_recorded_source(str(recorded), "codec", SOURCE_PREFIXES, run_dir, manifest, manifest_path,
+                                         repo_id_prefixes=REPO_ID_PREFIXES)
         cfg = dataclasses.replace(cfg, codec=source)
     return cfg
 

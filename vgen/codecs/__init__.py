@@ -21,6 +21,7 @@ from vgen.errors import ConfigError
 RUN_PREFIX = "run:"
 DIFFUSERS_PREFIX = "diffusers:"
 SOURCE_PREFIXES = (RUN_PREFIX, DIFFUSERS_PREFIX)
+REPO_ID_PREFIXES = (DIFFUSERS_PREFIX,)  # what may follow these is a hub repo id when no such path exists
 
 
 def load_codec(source: str, channels: int, device: str | torch.device = "cpu") -> Codec:
