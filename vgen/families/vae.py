@@ -32,6 +32,7 @@ from vgen.families.base import DEFAULT_SAMPLE_PROMPTS, Family, Phase, SampleSett
 from vgen.families.config import OptimConfig
 from vgen.grid import images_to_float, make_grid, to_uint8
 from vgen.models.conditioned import TextConditioned
+from vgen.models.quantize import codebook_statistics
 from vgen.models.vae import AutoencoderConfig, Decoder, Encoder, PatchDiscriminator
 from vgen.randomness import STREAM_CAPTION, STREAM_SAMPLE, generator, initial_noise, mix_seed
 
@@ -68,6 +69,10 @@ class VaeConfig:
         check_bounds(self)
         if self.l1_weight == 0 and self.l2_weight == 0:
             raise ValueError("l1_weight and l2_weight are both 0: nothing would teach the decoder to reconstruct")
+        if self.text_conditioned and self.autoencoder.quantizer != "none":
+            raise ValueError("text_conditioned samples z from the Gaussian prior N(0, I); a quantized "
+                             f"bottleneck (autoencoder.quantizer: {self.autoencoder.quantizer}) has none: "
+                             "its tokens are sampled by an autoregressive model instead")
         if self.image_size % self.autoencoder.factor:
             raise ValueError(f"image_size {self.image_size} is not a multiple of the downsampling factor "
                              f"{self.autoencoder.factor} (autoencoder.multipliers)")
@@ -101,10 +106,15 @@ class Autoencoder(TextConditioned):
         return super().shared_modules() if self.conditioned else []
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor, captions: list[str] | None = None):
-        """The reconstruction of x through a posterior sample z = mean + std * eps, and (mean, logvar)."""
+        """The reconstruction of x through a posterior sample z = mean + std * eps (through the
+        quantized code itself, with quantizer fsq: logvar None), and (mean, logvar)."""
         mean, logvar = self.encode(x)
-        z = mean + (0.5 * logvar).exp() * eps.to(mean.dtype)
+        z = mean if logvar is None else mean + (0.5 * logvar).exp() * eps.to(mean.dtype)
         return self.decode(z, captions), mean, logvar
+
+    def detokenize(self, tokens: torch.Tensor, captions: list[str] | None = None) -> torch.Tensor:
+        """Token ids [B, h, w] (quantizer fsq) -> images."""
+        return self.decode(self.encoder.quantizer.codes(tokens), captions)
 
 
 class VaeModel(nn.Module):
@@ -184,9 +194,11 @@ class VaeFamily(Family):
         y, mean, logvar = ae(x, batch["eps"], batch["captions"] if vae.text_conditioned else None)
         batch["reconstruction"] = y.detach()  # what the discriminator phase sees next
         rec = self._reconstruction(x, y)
-        kl = kl_divergence(mean, logvar).mean() / x[0].numel()
-        loss = rec + vae.kl_weight * kl
-        logs = {"rec": rec.detach(), "kl": kl.detach()}
+        loss, logs = rec, {"rec": rec.detach()}
+        if logvar is not None:  # a quantized bottleneck has no posterior variance, and no KL term
+            kl = kl_divergence(mean, logvar).mean() / x[0].numel()
+            loss = loss + vae.kl_weight * kl
+            logs["kl"] = kl.detach()
         if vae.gan_weight > 0 and step >= vae.gan_start:
             # D's parameters are off in this phase (the loop's doing): the term trains the decoder
             adversarial = -self.model.d(y).float().mean()
@@ -208,27 +220,33 @@ class VaeFamily(Family):
 
     # --- validation, samples, export ---
     @torch.no_grad()
-    def reconstruct(self, ae, images: torch.Tensor, captions: list[str] | None, autocast) -> torch.Tensor:
-        """The posterior mean's reconstruction (no sampling), as a codec decodes what it encoded."""
+    def reconstruct(self, ae, images: torch.Tensor, captions: list[str] | None, autocast,
+                    codes: list | None = None) -> torch.Tensor:
+        """The posterior mean's reconstruction (no sampling), as a codec decodes what it encoded;
+        with a quantized bottleneck, its token ids are appended to `codes` if given."""
         with autocast():
             mean, _ = ae.encode(images)
+            if codes is not None and ae.encoder.quantizer is not None:
+                codes.append(ae.encoder.quantizer.indices(mean).cpu())
             return ae.decode(mean, captions if self.cfg.vae.text_conditioned else None).float()
 
     @torch.no_grad()
     def validate(self, model, ema, dataset, count: int, autocast) -> dict:
         """PSNR and SSIM (torchmetrics) of the EMA autoencoder's reconstructions of the first
-        `count` val images, in [0, 1], and its reconstruction loss."""
+        `count` val images, in [0, 1], and its reconstruction loss; with a quantized bottleneck, the
+        usage and perplexity of its codebook over those images."""
         from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
         n = min(count, len(dataset))
         if n == 0:
             return {}
         psnr = ssim = rec = 0.0
+        codes = []
         for start in range(0, n, 64):
             idx = list(range(start, min(n, start + 64)))
             items = [dataset.item(i, caption_seed=i) for i in idx]
             x = images_to_float(torch.stack([item["image"] for item in items])).to(self.device)
-            y = self.reconstruct(ema, x, [item["caption"] for item in items], autocast)
+            y = self.reconstruct(ema, x, [item["caption"] for item in items], autocast, codes)
             if self._grid is None:
                 self._grid = (x[:GRID_IMAGES].cpu(), [item["caption"] for item in items[:GRID_IMAGES]])
             a, b = (y.clamp(-1, 1) + 1) / 2, (x + 1) / 2
@@ -236,7 +254,11 @@ class VaeFamily(Family):
                 psnr += peak_signal_noise_ratio(a[i:i + 1], b[i:i + 1], data_range=1.0).item()
             ssim += structural_similarity_index_measure(a, b, data_range=1.0, reduction="sum").item()
             rec += self._reconstruction(x, y).item() * len(idx)
-        return {"val_psnr": psnr / n, "val_ssim": ssim / n, "val_rec": rec / n}
+        out = {"val_psnr": psnr / n, "val_ssim": ssim / n, "val_rec": rec / n}
+        if codes:
+            stats = codebook_statistics(torch.cat(codes), ema.encoder.quantizer.codebook_size)
+            out.update({f"val_{k}": v for k, v in stats.items()})
+        return out
 
     def write_samples(self, ema, path: Path, autocast) -> None:
         """Originals above their reconstructions (once a validation has chosen them), and, for a
@@ -259,8 +281,11 @@ class VaeFamily(Family):
             grid.save(tmp, format="PNG")
 
     def export(self, run_dir: Path, ema) -> dict:
-        out = {"format": "vgen-vae", "latent_shape": list(self.latent_shape),
-               "factor": self.cfg.vae.autoencoder.factor}
+        ae = self.cfg.vae.autoencoder
+        out = {"format": "vgen-vae", "latent_shape": list(self.latent_shape), "factor": ae.factor}
+        if ae.quantizer != "none":
+            out["quantizer"] = {"kind": ae.quantizer, "levels": list(ae.levels),
+                                "codebook_size": self.model.ae.encoder.quantizer.codebook_size}
         if self.cfg.vae.text_conditioned:
             out["text_encoder"] = self.model.ae.text_encoder.id
         return out

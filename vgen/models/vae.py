@@ -18,12 +18,14 @@ latent-diffusion's `NLayerDiscriminator`: one logit per overlapping patch, no no
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vgen.config import bounded, check_bounds
+from vgen.models.quantize import FSQ
 
 
 @dataclass
@@ -34,9 +36,21 @@ class AutoencoderConfig:
     multipliers: list[int] = field(default_factory=lambda: [1, 2, 2])  # per level; 3 levels: factor 4
     blocks_per_level: int = bounded(1, ge=1)
     groups: int = bounded(8, ge=1)
+    # the bottleneck: none, a diagonal Gaussian q(z|x) (a KL autoencoder, the codec of latent
+    # generation); fsq, finite scalar quantization to the grid of `levels` (an image tokenizer, whose
+    # tokens an autoregressive transformer writes), one level count per z channel
+    quantizer: Literal["none", "fsq"] = "none"
+    levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
 
     def __post_init__(self) -> None:
         check_bounds(self)
+        if self.quantizer == "fsq":
+            if any(not isinstance(level, int) or level < 2 for level in self.levels):
+                raise ValueError(f"levels must be integers >= 2 (one per z channel), got {self.levels}")
+            if len(self.levels) != self.z_channels:
+                raise ValueError(f"quantizer fsq quantizes each z channel to its own number of levels: "
+                                 f"z_channels is {self.z_channels} but levels {self.levels} has "
+                                 f"{len(self.levels)}; set z_channels to {len(self.levels)}")
         if not self.multipliers or any(m < 1 for m in self.multipliers):
             raise ValueError("multipliers must be a non-empty list of positive integers")
         if any((self.width * m) % self.groups for m in self.multipliers):
@@ -72,7 +86,8 @@ class ResBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """x [B, C, H, W] in [-1, 1] -> (mean, logvar) [B, z_channels, H / factor, W / factor]."""
+    """x [B, C, H, W] in [-1, 1] -> (mean, logvar) [B, z_channels, H / factor, W / factor]; with
+    quantizer fsq, (codes, None): the latent is the quantized code itself, and there is no variance."""
 
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
@@ -88,11 +103,21 @@ class Encoder(nn.Module):
         layers.append(ResBlock(ch, ch, cfg.groups))
         self.layers = nn.Sequential(*layers)
         self.norm = nn.GroupNorm(cfg.groups, ch)
-        self.out = nn.Conv2d(ch, 2 * cfg.z_channels, 3, padding=1)
+        self.quantizer = FSQ(cfg.levels) if cfg.quantizer == "fsq" else None
+        self.out = nn.Conv2d(ch, cfg.z_channels * (1 if self.quantizer else 2), 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, logvar = self.out(F.silu(self.norm(self.layers(self.inp(x))))).chunk(2, dim=1)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h = self.out(F.silu(self.norm(self.layers(self.inp(x)))))
+        if self.quantizer is not None:
+            return self.quantizer(h), None
+        mean, logvar = h.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)  # latent-diffusion's DiagonalGaussianDistribution bounds
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """x -> token ids [B, H / factor, W / factor] (quantizer fsq)."""
+        if self.quantizer is None:
+            raise ValueError("tokens need a discrete bottleneck (autoencoder.quantizer: fsq)")
+        return self.quantizer.indices(self(x)[0])
 
 
 class Decoder(nn.Module):
