@@ -205,6 +205,9 @@ def generate(
     guidance: Annotated[Optional[float], typer.Option(parser=finite_float, help="Classifier-free guidance scale; 1 = none \\[default: the run's flow.sample_guidance].")] = None,
     negative: Annotated[str, typer.Option(help="Negative prompt (the unconditioned half of guidance).")] = "",
     sampler: Annotated[Optional[str], typer.Option(help="ODE sampler (flow): euler, or heun (2nd order, 2 network calls a step) \\[default: euler].")] = None,
+    temperature: Annotated[Optional[float], typer.Option(parser=finite_float, help="Token sampler (ar): the logits' temperature \\[default: the run's ar.sample_temperature].")] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="Token sampler (ar): draw from the k likeliest tokens, 0 = all \\[default: the run's ar.sample_top_k].")] = None,
+    top_p: Annotated[Optional[float], typer.Option(parser=finite_float, help="Token sampler (ar): draw from the likeliest tokens holding this much probability, 1 = all \\[default: the run's ar.sample_top_p].")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per network batch (does not change the pixels).")] = 16,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Generation dir to write \\[default: generations/YYYYmmdd-HHMMSS].")] = None,
     grid: Annotated[bool, typer.Option("--grid", help="Also write grid.png: one row per prompt, labelled.")] = False,
@@ -241,7 +244,8 @@ def generate(
     if prompt_file is not None:
         texts += read_prompt_file(prompt_file)
     request = GenerationRequest(prompts=texts, n=n, seed=seed, steps=steps, guidance=guidance,
-                                negative_prompt=negative, sampler=sampler, batch_size=batch_size,
+                                negative_prompt=negative, sampler=sampler, temperature=temperature, top_k=top_k,
+                                top_p=top_p, batch_size=batch_size,
                                 init_image=init_image, strength=strength, mask=mask, grid=grid)
     start = time.perf_counter()
     gen = load_run(run, checkpoint, device, precision, warn=warn)

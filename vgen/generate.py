@@ -107,6 +107,9 @@ class GenerationRequest:
     guidance: float | None = None
     negative_prompt: str = ""
     sampler: str | None = None
+    temperature: float | None = None  # token samplers (kind ar)
+    top_k: int | None = None
+    top_p: float | None = None
     batch_size: int = 16
     init_image: Path | None = None
     strength: float | None = None  # default 1.0 with a mask (regenerate it fully), else required
@@ -116,8 +119,14 @@ class GenerationRequest:
     def asked(self) -> list[str]:
         """The sampler options (SAMPLER_OPTIONS keys) this request sets."""
         values = {"steps": self.steps, "sampler": self.sampler, "guidance": self.guidance,
-                  "negative_prompt": self.negative_prompt or None, "init_image": self.init_image, "mask": self.mask}
+                  "negative_prompt": self.negative_prompt or None, "init_image": self.init_image, "mask": self.mask,
+                  **self.token_options()}
         return [name for name, value in values.items() if value is not None]
+
+    def token_options(self) -> dict:
+        """temperature, top_k, top_p: those set (a token sampler's; recorded only where set)."""
+        values = {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
+        return {name: value for name, value in values.items() if value is not None}
 
     def resolved(self, gen: LoadedRun) -> GenerationRequest:
         """Defaults filled from the run's family and config, every value checked; an option the
@@ -143,6 +152,14 @@ class GenerationRequest:
                 raise UsageError(f"{name}: expected at least 1, got {value}")
         if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
             raise UsageError(f"--guidance: expected a finite scale >= 0 (1 = no guidance), got {guidance}")
+        tokens = {name: defaults.get(name) if getattr(self, name) is None else getattr(self, name)
+                  for name in ("temperature", "top_k", "top_p")}
+        if tokens["temperature"] is not None and not (math.isfinite(tokens["temperature"]) and tokens["temperature"] > 0):
+            raise UsageError(f"--temperature: expected a finite value > 0, got {tokens['temperature']}")
+        if tokens["top_k"] is not None and tokens["top_k"] < 0:
+            raise UsageError(f"--top-k: expected 0 (every token) or more, got {tokens['top_k']}")
+        if tokens["top_p"] is not None and not 0 < tokens["top_p"] <= 1:
+            raise UsageError(f"--top-p: expected a value in (0, 1] (1: every token), got {tokens['top_p']}")
         if self.init_image is None and (self.mask is not None or self.strength is not None):
             raise UsageError("--mask and --strength edit an image: give it with --init-image")
         strength = self.strength
@@ -152,7 +169,7 @@ class GenerationRequest:
                                  "0.6 keeps its layout) or a --mask of the area to regenerate")
             strength = 1.0
         return dataclasses.replace(self, prompts=prompts, steps=steps, sampler=sampler, strength=strength,
-                                   guidance=None if guidance is None else float(guidance))
+                                   guidance=None if guidance is None else float(guidance), **tokens)
 
 
 def sample_images(gen: LoadedRun, prompts: list[str], seeds: list[int], request: GenerationRequest,
@@ -160,7 +177,8 @@ def sample_images(gen: LoadedRun, prompts: list[str], seeds: list[int], request:
     """Images [N, C, H, W] in [-1, 1] for prompt i with seed i, from the run's family sampler
     (`request` resolved)."""
     settings = SampleSettings(steps=request.steps, guidance=request.guidance, sampler=request.sampler,
-                              negative_prompts=[request.negative_prompt] * len(prompts), edit=edit)
+                              negative_prompts=[request.negative_prompt] * len(prompts), edit=edit,
+                              temperature=request.temperature, top_k=request.top_k, top_p=request.top_p)
     return gen.family.sample(gen.model, prompts, seeds, settings, gen.autocast, gen.device)
 
 
@@ -205,6 +223,8 @@ def parameters_text(row: dict, size: tuple[int, int], sha256: str, model: str) -
     sampler = [f"Steps: {row['steps']}"] if row["steps"] is not None else []
     sampler += [f"Sampler: {row['sampler'].capitalize()}"] if row["sampler"] is not None else []
     sampler += [f"CFG scale: {row['guidance']}"] if row["guidance"] is not None else []
+    sampler += [f"{name.capitalize().replace('_', '-')}: {row[name]}" for name in ("temperature", "top_k", "top_p")
+                if row.get(name) is not None]
     fields = [*sampler, f"Seed: {row['seed']}", f"Size: {size[0]}x{size[1]}", f"Model hash: {sha256[:10]}",
               f"Model: {model}"]
     if row.get("strength") is not None:
@@ -239,8 +259,8 @@ def _describe(gen: LoadedRun, request: GenerationRequest) -> tuple[dict, dict, d
              "checkpoint": str(gen.checkpoint.relative_to(gen.run_dir)), "step": gen.step, "sha256": gen.sha256,
              "text_encoder": gen.model.text_encoder.id, **({"codec": gen.codec} if gen.codec else {})}
     settings = {"sampler": request.sampler, "steps": request.steps, "guidance": request.guidance,
-                "negative_prompt": request.negative_prompt, "seed": request.seed, "n": request.n,
-                "batch_size": request.batch_size}
+                **request.token_options(), "negative_prompt": request.negative_prompt, "seed": request.seed,
+                "n": request.n, "batch_size": request.batch_size}
     edit = None
     if request.init_image is not None:
         edit = {"init_image": str(request.init_image), "init_image_sha256": sha256_file(request.init_image),
@@ -304,7 +324,7 @@ def _generate(gen: LoadedRun, request: GenerationRequest, out_dir: Path, progres
             for index, (prompt, seed), image in zip(range(first, first + len(batch)), batch, pixels):
                 row = {"file": file_name(index, prompt), "prompt": prompt,
                        "negative_prompt": request.negative_prompt, "seed": seed, "steps": request.steps,
-                       "guidance": request.guidance, "sampler": request.sampler}
+                       "guidance": request.guidance, "sampler": request.sampler, **request.token_options()}
                 if edit_info:
                     row["strength"] = request.strength
                 if prompt in truncated:

@@ -20,6 +20,7 @@ class Codec:
     sha256: str | None  # of the weights it loaded (None: pixels)
     channels: int
     factor: int  # image px per latent px
+    quantizer = None  # a discrete codec's vgen.models.quantize.FSQ (token ids <-> latents), else None
 
     @property
     def is_pixels(self) -> bool:
@@ -46,7 +47,10 @@ class Codec:
         return pooled.reshape(*shape[:-2], *pooled.shape[-2:])
 
     def describe(self) -> dict:
-        return {"source": self.source, "sha256": self.sha256, "channels": self.channels, "factor": self.factor}
+        out = {"source": self.source, "sha256": self.sha256, "channels": self.channels, "factor": self.factor}
+        if self.quantizer is not None:
+            out["codebook_size"] = self.quantizer.codebook_size
+        return out
 
 
 class PixelCodec(Codec):

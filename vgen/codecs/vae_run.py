@@ -30,6 +30,7 @@ class VaeRunCodec(Codec):
         self.source, self.sha256 = source, sha256
         self.channels, self.factor = cfg.z_channels, cfg.factor
         self.encoder, self.decoder = encoder, decoder
+        self.quantizer = encoder.quantizer
 
     @classmethod
     def load(cls, source: str, device) -> VaeRunCodec:
@@ -75,7 +76,7 @@ class VaeRunCodec(Codec):
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(x)[0].float()  # the posterior mean
+        return self.encoder(x)[0].float()  # the posterior mean (the quantized code, with fsq)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ FAMILIES = {
     "flow": "vgen.families.flow:FlowFamily",  # rectified flow (text-to-image)
     "gan": "vgen.families.gan:GanFamily",  # a text-conditioned GAN, one-step generation
     "vae": "vgen.families.vae:VaeFamily",  # a KL autoencoder: the latent codec, or a conditional VAE generator
+    "ar": "vgen.families.ar:ArFamily",  # an autoregressive transformer over a tokenizer's image tokens
     "clip": "vgen.families.clip:ClipFamily",  # contrastive image-text training (a text encoder)
 }
 

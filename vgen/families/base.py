@@ -24,7 +24,8 @@ DEFAULT_SAMPLE_PROMPTS = ["a cat and a dog", "a cat above a dog", "two fish", "a
 
 # What a sampler may support; `vgen generate` refuses a flag whose capability the family lacks.
 SAMPLER_OPTIONS = {"steps": "--steps", "sampler": "--sampler", "guidance": "--guidance",
-                   "negative_prompt": "--negative", "init_image": "--init-image", "mask": "--mask"}
+                   "negative_prompt": "--negative", "init_image": "--init-image", "mask": "--mask",
+                   "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p"}
 
 
 @dataclass
@@ -52,6 +53,9 @@ class SampleSettings:
     sampler: str | None = None
     negative_prompts: list[str] | None = None
     edit: Any = None  # vgen.generate.EditInputs (SDEdit / inpainting), for families that support them
+    temperature: float | None = None  # token samplers: the logits' temperature, top-k and top-p filters
+    top_k: int | None = None
+    top_p: float | None = None
 
 
 class Family:
