@@ -142,3 +142,33 @@ def test_text_conditioned_vae_generates_and_an_autoencoder_refuses(assets, tmp_p
     assert run(vgen_train_cmd(write_config(tmp_path / "p.yaml", vae_sets(2)), assets["data"], plain)).returncode == 0
     result = vgen_cli("generate", "red", "--run", plain, "-o", tmp_path / "g4")
     assert result.exit_code == 2 and "text_conditioned" in result.stderr, result.stderr
+
+
+def test_vae_trains_on_crops_of_the_latent_grid(assets):
+    """vae.crop_size: each sample is a crop of its image at a corner on the latent grid (factor 4),
+    drawn from (seed, sample index); eps has the crop's latent shape; bad sizes are refused."""
+    from vgen.data.dataset import ImageCaptionDataset
+    from vgen.families import build_family
+    from vgen.randomness import SampleOrder
+
+    cfg = train_config_from_dict({"kind": "vae", "vae": {"image_size": 16, "crop_size": 8,
+                                                         "autoencoder": {"width": 8, "groups": 4}}})
+    family = build_family(cfg, 16, torch.device("cpu"))
+    dataset = ImageCaptionDataset(assets["data"], "train")
+    order = SampleOrder(0, len(dataset))
+    batch = family.make_batch(dataset, order, 0, list(range(12)))
+    assert batch["x"].shape == (12, 3, 8, 8) and batch["eps"].shape == (12, 4, 2, 2)
+    top_left = 0
+    for g, crop in enumerate(batch["x"]):
+        whole = (dataset.image(order(g)).float() / 127.5 - 1)
+        found = [(y, x) for y in range(0, 9, 4) for x in range(0, 9, 4) if torch.equal(whole[:, y:y + 8, x:x + 8], crop)]
+        assert found, g  # a crop at a corner on the latent grid
+        top_left += found == [(0, 0)]
+    assert top_left < 12  # not always the same corner
+    again = family.make_batch(dataset, order, 0, list(range(12)))
+    assert torch.equal(again["x"], batch["x"]) and torch.equal(again["eps"], batch["eps"])
+    for bad, message in (({"crop_size": 6}, "multiple of the downsampling factor 4"),
+                         ({"crop_size": 32}, "at most image_size 16"),
+                         ({"crop_size": 8, "text_conditioned": True}, "whole image")):
+        with pytest.raises(ConfigError, match=message):
+            train_config_from_dict({"kind": "vae", "vae": {"image_size": 16, **bad}})

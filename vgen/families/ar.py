@@ -101,7 +101,7 @@ class ArFamily(Family):
         for dataset in dict.fromkeys([train_set, val_set]):
             on_main(lambda: encode_split(self.codec, dataset, sha, self.device))
             codes = encode_split(self.codec, dataset, sha, self.device, write=False)
-            self._tokens[id(dataset)] = self.codec.quantizer.indices(codes).flatten(1)
+            self._tokens[id(dataset)] = self.codec.quantizer.indices(codes.to(self.device)).flatten(1).cpu()
         return {"codec": self.codec.describe()}
 
     def restore(self, recorded: dict, where: str) -> None:
@@ -190,4 +190,4 @@ class ArFamily(Family):
                                temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
                                use_cache=use_cache, autocast=autocast)
         codes = self.codec.quantizer.codes(tokens.view(-1, self.grid, self.grid))
-        return self.codec.decode(codes.to(device)).clamp(-1, 1)
+        return self.codec.decode(codes.to(device))
