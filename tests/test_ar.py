@@ -55,6 +55,8 @@ def test_filter_logits_known_answers():
     shuffled = logits[:, [2, 0, 1]]  # filtering follows the values, not the positions
     assert torch.isinf(filter_logits(shuffled, 1.0, top_p=0.6)).tolist() == [[True, False, False]]
     torch.testing.assert_close(filter_logits(logits, 0.5), logits * 2)
+    ties = filter_logits(torch.tensor([[1.0, 1.0, 0.0]]), 1.0, top_k=1)  # exactly k tokens, also on a tie
+    assert torch.isinf(ties).sum() == 2
 
 
 def test_gumbel_choice_samples_the_softmax():
@@ -94,8 +96,9 @@ def test_the_logits_of_token_k_see_only_the_caption_and_earlier_tokens():
         assert not torch.allclose(net(tokens, other)[:, 0], a[:, 0])  # the caption conditions token 0
 
 
-def test_padding_of_the_caption_changes_nothing():
-    net = tiny_network()
+@pytest.mark.parametrize("conditioning", ["prefix", "cross"])
+def test_padding_of_the_caption_changes_nothing(conditioning):
+    net = tiny_network(conditioning)
     text = features(1, pad_from=None)
     longer = TextFeatures(*(torch.cat([part, part[:, :2]], dim=1) if part.dim() > 1 and i != 2 else part
                             for i, part in enumerate(text)))
@@ -224,6 +227,7 @@ def test_ar_refuses_what_its_sampler_does_not_take_and_flow_refuses_token_option
     assert result.exit_code == 2 and "--top-k" in result.stderr and "flow" in result.stderr, result.stderr
 
 
+@pytest.mark.slow
 def test_ar_needs_a_discrete_tokenizer(assets, tmp_path):
     from tests.test_codecs import TINY_VAE
     from vgen.families import build_family

@@ -124,6 +124,9 @@ def test_a_recorded_codec_name_is_a_repo_id_only_where_the_prefix_allows_one(tmp
     repo = resolve_recorded_source("diffusers:stabilityai/sd-vae-ft-mse", "codec", SOURCE_PREFIXES, run_dir,
                                    manifest, run_dir / "run.yaml", repo_id_prefixes=REPO_ID_PREFIXES)
     assert repo == "diffusers:stabilityai/sd-vae-ft-mse"
+    (tmp_path / "runs" / "vae").mkdir()  # a codec records the checkpoint it measured: run:DIR@STEP
+    step = resolve_recorded_source("run:vae@2000", "codec", SOURCE_PREFIXES, run_dir, manifest, run_dir / "run.yaml")
+    assert step == "run:" + str((tmp_path / "runs" / "vae").resolve()) + "@2000"
     with pytest.raises(UsageError, match="run:no-such/vae"):  # a run: source is always a path
         resolve_recorded_source("run:no-such/vae", "codec", SOURCE_PREFIXES, run_dir, manifest,
                                 run_dir / "run.yaml", repo_id_prefixes=REPO_ID_PREFIXES)

@@ -59,8 +59,10 @@ def test_codebook_statistics_known_answers():
 def test_fsq_config_errors():
     with pytest.raises(ConfigError, match="z_channels is 4 but levels .* set z_channels to 3"):
         train_config_from_dict({"kind": "vae", "vae": {"autoencoder": {"quantizer": "fsq", "levels": [8, 5, 5]}}})
-    with pytest.raises(ConfigError, match="integers >= 2"):
-        train_config_from_dict({"kind": "vae", "vae": {"autoencoder": {"quantizer": "fsq", "levels": [8, 5, 1, 5]}}})
+    with pytest.raises(ConfigError, match="integers >= 3"):
+        train_config_from_dict({"kind": "vae", "vae": {"autoencoder": {"quantizer": "fsq", "levels": [8, 5, 2, 5]}}})
+    with pytest.raises(ConfigError, match="codebook of 1,048,576 codes"):
+        train_config_from_dict({"kind": "vae", "vae": {"autoencoder": {"quantizer": "fsq", "levels": [32] * 4}}})
     with pytest.raises(ConfigError, match=r"vae.autoencoder.quantizer: expected one of .none., .fsq."):
         train_config_from_dict({"kind": "vae", "vae": {"autoencoder": {"quantizer": "vq"}}})
     with pytest.raises(ConfigError, match="Gaussian prior"):

@@ -32,6 +32,7 @@ def mix_seed(*parts: int) -> int:
 
 # Distinct streams so that, e.g., noise and caption choice never share random numbers.
 STREAM_ORDER, STREAM_SAMPLE, STREAM_CAPTION, STREAM_VALIDATION = 1, 2, 3, 4
+STREAM_TOKENS = 5  # a token sampler's draws at generation (vgen.families.ar_sampling)
 
 
 def generator(*parts: int, device: str | torch.device = "cpu") -> torch.Generator:

@@ -93,7 +93,10 @@ def resolve_recorded_source(source: str, key: str, prefixes: tuple[str, ...], ru
         if not looks_like_path(source):
             return source  # a pretrained tag or `random`
         prefix = ""
-    path = Path(source[len(prefix):]).expanduser()
+    # a run: source may name a checkpoint, run:DIR@STEP (what a codec records): the path is DIR
+    body, at, step = source[len(prefix):].rpartition("@")
+    body, suffix = (body, at + step) if at and step.isdigit() and prefix else (source[len(prefix):], "")
+    path = Path(body).expanduser()
     if path.is_absolute():
         return source  # the loader names it if it is missing
     bases = [Path.cwd()]
@@ -103,7 +106,7 @@ def resolve_recorded_source(source: str, key: str, prefixes: tuple[str, ...], ru
     bases += list(run_dir.resolve().parents)
     for base in bases:
         if (base / path).exists():
-            return prefix + str((base / path).resolve())
+            return prefix + str((base / path).resolve()) + suffix
     if prefix in repo_id_prefixes and not source[len(prefix):].startswith((".", "~")):
         return source  # owner/name[/subfolder]: a repo id of the Hugging Face cache, not a path
     raise UsageError(

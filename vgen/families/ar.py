@@ -185,7 +185,8 @@ class ArFamily(Family):
         """Tokens drawn one by one with the KV cache (vgen.families.ar_sampling), then decoded by
         the tokenizer: image i from (prompt i, seed i) alone."""
         cond = model.encode_text(list(prompts))
-        uncond = model.encode_text(list(settings.negative_prompts or [""] * len(prompts)))
+        guided = settings.guidance != 1.0  # else the unconditioned half is never used
+        uncond = model.encode_text(list(settings.negative_prompts or [""] * len(prompts))) if guided else None
         tokens = sample_tokens(model.network, cond, uncond, list(seeds), self.count, guidance=settings.guidance,
                                temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
                                use_cache=use_cache, autocast=autocast)

@@ -13,18 +13,16 @@ import contextlib
 
 import torch
 
-from vgen.randomness import generator
-
-STREAM_TOKENS = 5  # vgen.randomness's streams: the uniforms of the token draws
+from vgen.randomness import STREAM_TOKENS, generator
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """logits [B, V] / temperature, with -inf outside the top_k highest (0: all) and outside the
     smallest set of highest-probability tokens whose mass reaches top_p (1: all)."""
     logits = logits.float() / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0 < top_k < logits.shape[-1]:  # exactly k tokens, ties broken by topk's order
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, logits.topk(top_k, dim=-1).indices, True)
+        logits = logits.masked_fill(~keep, float("-inf"))
     if top_p < 1.0:
         ordered, order = logits.sort(dim=-1, descending=True)
         probs = ordered.softmax(dim=-1)
@@ -51,7 +49,7 @@ def gumbel_choice(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 def sample_tokens(network, cond, uncond, seeds: list[int], count: int, *, guidance: float, temperature: float,
                   top_k: int = 0, top_p: float = 1.0, use_cache: bool = True,
                   autocast=contextlib.nullcontext) -> torch.Tensor:
-    """Token ids [B, count] for caption features `cond` (and the guidance's `uncond`, used when
+    """Token ids [B, count] for caption features `cond` (and the guidance's `uncond`, used only when
     guidance != 1), image i from seeds[i]."""
     guided = guidance != 1.0
     text = type(cond)(*(torch.cat([c, u]) for c, u in zip(cond, uncond))) if guided else cond

@@ -165,6 +165,11 @@ class VaeFamily(Family):
     def why_no_images(cls, cfg, run_dir: Path) -> str | None:
         if cfg.vae.text_conditioned:
             return None
+        if cfg.vae.autoencoder.quantizer != "none":
+            return (f"this vae run is an image tokenizer (autoencoder.quantizer {cfg.vae.autoencoder.quantizer}): it "
+                    f"turns images into tokens and back but draws none from prompts; train an autoregressive model on "
+                    f"its tokens with `codec: run:{run_dir}` (configs/ar-tiny-cpu.yaml), and `vgen evaluate --codec "
+                    f"run:{run_dir}` measures its reconstructions")
         return (f"this vae run is an autoencoder (vae.text_conditioned is false): it encodes and decodes images "
                 f"(a codec: `codec: run:{run_dir}` in a flow config; `vgen evaluate --codec run:{run_dir}` measures "
                 "its reconstructions) but draws none from prompts; train one with --set vae.text_conditioned=true "

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vgen.config import bounded, check_bounds
-from vgen.models.layers import Attention, TextRefinement
+from vgen.models.layers import Attention, TextRefinement, attention
 
 
 @dataclass
@@ -42,9 +42,12 @@ class ArNetworkConfig:
 
     def __post_init__(self) -> None:
         check_bounds(self)
-        if self.width % self.heads or (self.width // self.heads) % 4:
-            raise ValueError(f"width {self.width} / heads {self.heads} must be a multiple of 4 (2-D rotary "
-                             "positions turn pairs of channels, half of them by row and half by column)")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if (self.width // self.heads) % 4:
+            raise ValueError(f"each head's width, width {self.width} / heads {self.heads} = {self.width // self.heads}, "
+                             "must be a multiple of 4 (2-D rotary positions turn pairs of channels, half of them by "
+                             "row and half by column)")
 
     @property
     def hidden(self) -> int:
@@ -99,8 +102,7 @@ class SelfAttention(nn.Module):
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
-        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
-        y = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v
+        y = attention(q, k, v, mask)  # every query sees the caption's start marker: no row is all masked
         return self.out(y.transpose(1, 2).reshape(B, T, W))
 
 

@@ -23,8 +23,8 @@ class FSQ(nn.Module):
 
     def __init__(self, levels: list[int]):
         super().__init__()
-        if not levels or any(int(level) < 2 for level in levels):
-            raise ValueError(f"FSQ levels must be integers >= 2, got {levels}")
+        if not levels or any(int(level) < 3 for level in levels):
+            raise ValueError(f"FSQ levels must be integers >= 3, got {levels}")
         levels_t = torch.tensor([int(level) for level in levels], dtype=torch.int64)
         self.register_buffer("levels", levels_t, persistent=False)
         self.register_buffer("basis", torch.cumprod(torch.cat([levels_t.new_ones(1), levels_t[:-1]]), 0),
@@ -36,7 +36,9 @@ class FSQ(nn.Module):
 
     def bound(self, z: torch.Tensor) -> torch.Tensor:
         """Channel i to the open interval that rounds to exactly L_i integers: (-L/2, L/2) for odd
-        L; for even L shifted by a half so that it rounds to -L/2 .. L/2 - 1 (the paper's app. A.1)."""
+        L; for even L shifted by a half so that it rounds to -L/2 .. L/2 - 1 (the paper's app. A.1).
+        (For L = 2 that shift, atanh(0.5 / 0.5005), puts the tanh in saturation at z = 0: such a
+        channel cannot learn, so levels start at 3.)"""
         levels = self.levels.float()
         half_l = (levels - 1) * (1 + 1e-3) / 2
         offset = torch.where(self.levels % 2 == 0, 0.5, 0.0)

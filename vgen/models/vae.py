@@ -17,6 +17,7 @@ latent-diffusion's `NLayerDiscriminator`: one logit per overlapping patch, no no
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -45,8 +46,12 @@ class AutoencoderConfig:
     def __post_init__(self) -> None:
         check_bounds(self)
         if self.quantizer == "fsq":
-            if any(not isinstance(level, int) or level < 2 for level in self.levels):
-                raise ValueError(f"levels must be integers >= 2 (one per z channel), got {self.levels}")
+            if any(not isinstance(level, int) or level < 3 for level in self.levels):
+                raise ValueError(f"levels must be integers >= 3 (one per z channel; 2 levels cannot learn through "
+                                 f"FSQ's bound), got {self.levels}")
+            if math.prod(self.levels) > 65536:
+                raise ValueError(f"levels {self.levels} make a codebook of {math.prod(self.levels):,} codes, the size "
+                                 "of a token model's embedding and output layers; at most 65,536")
             if len(self.levels) != self.z_channels:
                 raise ValueError(f"quantizer fsq quantizes each z channel to its own number of levels: "
                                  f"z_channels is {self.z_channels} but levels {self.levels} has "
