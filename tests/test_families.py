@@ -282,6 +282,35 @@ def test_pairwise_scores_are_the_projection_term_of_every_caption():
             assert torch.allclose(scores[torch.arange(4), torch.tensor(order[:4])], projection[:4], atol=1e-5)
 
 
+def test_spatial_projection_asks_each_place_what_the_caption_puts_there():
+    """discriminator.spatial_projection: logit += mean over the 4 x 4 places of <c(text, h_p + pos_p), h_p>;
+    the same features at two places score differently, since their text queries carry the place."""
+    from vgen.models.gan import Discriminator, DiscriminatorConfig
+    from vgen.text.encoder import TextFeatures
+
+    torch.manual_seed(0)
+    d = Discriminator(DiscriminatorConfig(width=8, spatial_projection=True), 16, 3, 12, 10)
+    for p in d.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    text = TextFeatures(torch.randn(2, 6, 12), torch.ones(2, 6, dtype=torch.bool), torch.randn(2, 10),
+                        torch.randn(2, 6, 12))
+    images = torch.randn(2, 3, 16, 16)
+    grid = d.feature_map(images)
+    h = d._embed(grid)
+    c = d.projection(h[:, None], text)[:, 0]
+    plain = d.unconditional(h)[:, 0] + (c * h).sum(dim=1) / h.shape[1] ** 0.5
+    torch.testing.assert_close(d(images, text), plain + d._spatial_term(grid, text))
+    places = grid.flatten(2).transpose(1, 2)
+    one = torch.zeros_like(places)
+    one[:, 0], moved = places[:, 5], torch.zeros_like(places)
+    moved[:, 15] = places[:, 5]  # the same feature vector at another place
+    term = [d._spatial_term(x.transpose(1, 2).reshape(grid.shape), text) for x in (one, moved)]
+    assert not torch.allclose(term[0], term[1])
+    assert any(k.startswith("spatial.") for k in d.state_dict())
+    with pytest.raises(ConfigError, match="spatial_projection is a term of the conv backbone"):
+        train_config_from_dict({"kind": "gan", "gan": {"discriminator": {"backbone": "clip", "spatial_projection": True}}})
+
+
 def test_contrastive_loss_known_answers():
     """Cross-entropy of the own caption among the group's captions and wrong captions; a candidate
     with the image's own caption text is no negative; another group's columns do not count."""

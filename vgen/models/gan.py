@@ -65,6 +65,10 @@ class DiscriminatorConfig:
     clip_blocks: list[int] = field(default_factory=list)  # clip: which tower blocks feed a head ([]: every block)
     token_pooling: bool = True  # c also attends over the text tokens (else: the pooled embedding alone)
     text_lexical: bool = False  # the tokens it attends over include the tower's input embeddings
+    # conv: a second projection term per place of the final 4 x 4 feature map, whose text query
+    # carries the place's 2-D sine-cosine position, so that D can check what the caption puts
+    # *there* ("X above Y": X in the top half) rather than only what the image holds as a whole
+    spatial_projection: bool = False
 
     def __post_init__(self) -> None:
         check_bounds(self)
@@ -72,6 +76,9 @@ class DiscriminatorConfig:
             raise ValueError(f"backbone: expected conv, clip or conv+clip, got {self.backbone!r}")
         if self.clip_blocks and "clip" not in self.backbone:
             raise ValueError(f"clip_blocks is for backbone clip or conv+clip; backbone is {self.backbone}")
+        if self.spatial_projection and (self.backbone == "clip" or not self.token_pooling):
+            raise ValueError("spatial_projection is a term of the conv backbone's token pooling: it needs backbone "
+                             "conv or conv+clip and token_pooling true")
 
 
 def _channels(width: int, size: int) -> int:
@@ -196,14 +203,31 @@ class Discriminator(nn.Module):
         self.features = nn.Linear(ch * 4 * 4, ch)
         self.unconditional = nn.Linear(ch, 1)
         self.projection = TextProjection(cfg, ch, text_width, pooled_width)
+        if cfg.spatial_projection:
+            if ch % 4:
+                raise ValueError(f"spatial_projection needs D's final width divisible by 4 (a sine and a cosine per "
+                                 f"axis); discriminator.width {cfg.width} gives {ch}")
+            self.spatial = TextProjection(cfg, ch, text_width, pooled_width)
+            self.register_buffer("places", sincos_2d(ch, 4)[None], persistent=False)  # [1, 16, ch]
         self._register_load_state_dict_pre_hook(_moved_projection_keys)
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
         h = F.leaky_relu(self.inp(images), 0.2)
         for block in self.blocks:
             h = block(h)
-        h = F.leaky_relu(self.final(h), 0.2)
-        return F.leaky_relu(self.features(h.flatten(1)), 0.2)
+        return F.leaky_relu(self.final(h), 0.2)  # [B, ch, 4, 4]
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self._embed(self.feature_map(images))
+
+    def _embed(self, grid: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(self.features(grid.flatten(1)), 0.2)
+
+    def _spatial_term(self, grid: torch.Tensor, features) -> torch.Tensor:
+        """Mean over the 16 places p of <c(text, h_p + pos_p), h_p> / sqrt(width)."""
+        h = grid.flatten(2).transpose(1, 2)  # [B, 16, ch]
+        c = self.spatial(h + self.places.to(h.dtype), features)
+        return ((c * h).sum(dim=-1) / math.sqrt(h.shape[-1])).mean(dim=1).float()
 
     def forward(self, images: torch.Tensor, features, pairs: int = 0,
                 candidates=None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -212,9 +236,12 @@ class Discriminator(nn.Module):
         `features`): scores[i, j] = <c(text_j, h_i), h_i> / sqrt(width), the conditional part of the
         logit image i would get with caption j (for gan.contrastive_weight), returned as (logits,
         scores). One call for both, so that DDP sees one forward of D."""
-        h = self.embed(images)
+        grid = self.feature_map(images)
+        h = self._embed(grid)
         c = self.projection(h[:, None], features)[:, 0]
         logit = (self.unconditional(h)[:, 0] + (c * h).sum(dim=1) / math.sqrt(h.shape[1])).float()
+        if self.cfg.spatial_projection:
+            logit = logit + self._spatial_term(grid, features)
         if not pairs:
             return logit
         h = h[:pairs]
