@@ -24,7 +24,7 @@ from vgen.codecs.cache import encode_split
 from vgen.config import bounded, check_bounds
 from vgen.errors import ConfigError, ManifestError
 from vgen.families.ar_sampling import sample_tokens
-from vgen.families.base import DEFAULT_SAMPLE_PROMPTS, Family, Phase, SampleSettings
+from vgen.families.base import DEFAULT_SAMPLE_PROMPTS, Family, Phase, SampleSettings, index_chunks
 from vgen.grid import make_grid, to_uint8
 from vgen.models.ar import ArNetworkConfig, TokenTransformer
 from vgen.models.conditioned import TextConditioned
@@ -145,8 +145,7 @@ class ArFamily(Family):
         if n == 0:
             return float("nan")
         total = 0.0
-        for start in range(0, n, 64):
-            idx = list(range(start, min(n, start + 64)))
+        for idx in index_chunks(n):
             tokens = self._tokens[id(dataset)][idx].to(self.device)
             with autocast():
                 logits = model(tokens, [dataset.caption(i, caption_seed=i) for i in idx])

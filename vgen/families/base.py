@@ -28,6 +28,11 @@ SAMPLER_OPTIONS = {"steps": "--steps", "sampler": "--sampler", "guidance": "--gu
                    "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p"}
 
 
+
+def index_chunks(n: int, size: int = 64) -> list[list[int]]:
+    """Indices 0 .. n - 1 in chunks of `size`: the batches a family validates its first n images in."""
+    return [list(range(start, min(n, start + size))) for start in range(0, n, size)]
+
 @dataclass
 class Phase:
     """One optimisation phase of a training step: `loss(trained, batch, step) -> (loss, logs)`.

@@ -20,7 +20,7 @@ from vgen.config import bounded, check_bounds, chosen_by
 from vgen.diffusion.flow import flow_loss, interpolate, logit_normal_t
 from vgen.diffusion.samplers import SAMPLERS, classifier_free_guidance, time_grid, truncate_grid
 from vgen.errors import ConfigError, ManifestError
-from vgen.families.base import DEFAULT_SAMPLE_PROMPTS, Family, Phase, SampleSettings
+from vgen.families.base import DEFAULT_SAMPLE_PROMPTS, Family, Phase, SampleSettings, index_chunks
 from vgen.grid import images_to_float, make_grid, to_uint8
 from vgen.models import NETWORK_CONFIGS, build_network
 from vgen.models.flow_model import TextToImageFlow
@@ -208,8 +208,7 @@ class FlowFamily(Family):
         if n == 0:
             return float("nan")
         total = 0.0
-        for start in range(0, n, 64):
-            idx = list(range(start, min(n, start + 64)))
+        for idx in index_chunks(n):
             x0 = self._model_space(dataset, idx)
             captions = [dataset.caption(i, caption_seed=i) for i in idx]
             noise = torch.stack([torch.randn(x0.shape[1:], generator=generator(0, STREAM_VALIDATION, i)) for i in idx])

@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from vgen.atomic import atomic_path
 from vgen.config import bounded, check_bounds
 from vgen.errors import ConfigError
-from vgen.families.base import DEFAULT_SAMPLE_PROMPTS, Family, Phase, SampleSettings
+from vgen.families.base import DEFAULT_SAMPLE_PROMPTS, Family, Phase, SampleSettings, index_chunks
 from vgen.families.config import OptimConfig
 from vgen.families.gan_terms import AUGMENTS, contrastive_loss, diff_augment
 from vgen.grid import images_to_float, make_grid, to_uint8
@@ -329,8 +329,7 @@ class GanFamily(Family):
         if n == 0:
             return {}
         real_hits = fake_hits = 0.0
-        for start in range(0, n, 64):
-            idx = list(range(start, min(n, start + 64)))
+        for idx in index_chunks(n):
             real = images_to_float(torch.stack([dataset.item(i, caption_seed=i)["image"] for i in idx])).to(self.device)
             captions = [dataset.item(i, caption_seed=i)["caption"] for i in idx]
             z = torch.stack([torch.randn(self.cfg.gan.generator.z_dim, generator=generator(0, STREAM_VALIDATION, i))

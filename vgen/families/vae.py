@@ -28,7 +28,7 @@ from torch import nn
 from vgen.atomic import atomic_path
 from vgen.config import bounded, check_bounds
 from vgen.errors import ConfigError, UsageError
-from vgen.families.base import DEFAULT_SAMPLE_PROMPTS, Family, Phase, SampleSettings
+from vgen.families.base import DEFAULT_SAMPLE_PROMPTS, Family, Phase, SampleSettings, index_chunks
 from vgen.families.config import OptimConfig
 from vgen.grid import images_to_float, make_grid, to_uint8
 from vgen.models.conditioned import TextConditioned
@@ -266,8 +266,7 @@ class VaeFamily(Family):
             return {}
         psnr = ssim = rec = 0.0
         codes = []
-        for start in range(0, n, 64):
-            idx = list(range(start, min(n, start + 64)))
+        for idx in index_chunks(n):
             items = [dataset.item(i, caption_seed=i) for i in idx]
             x = images_to_float(torch.stack([item["image"] for item in items])).to(self.device)
             y = self.reconstruct(ema, x, [item["caption"] for item in items], autocast, codes)
