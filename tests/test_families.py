@@ -171,6 +171,21 @@ def test_flow_trains_a_unet_with_no_other_change(assets, tmp_path):
 # --- the GAN family ------------------------------------------------------------------------------
 
 
+def test_in_fixed_batches_calls_one_batch_shape_and_keeps_the_order():
+    from vgen.families.base import in_fixed_batches
+
+    seen = []
+
+    def double(rows):
+        seen.append(rows.tolist())
+        return torch.arange(10.0)[rows] * 2
+
+    out = in_fixed_batches(double, 10, size=4)
+    assert out.tolist() == [2.0 * i for i in range(10)]
+    assert seen == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 9, 9]]  # the last padded with its last row
+    assert in_fixed_batches(double, 1, size=4).tolist() == [0.0]
+
+
 def test_diff_augment_known_answers():
     from vgen.families.gan_terms import diff_augment
 
@@ -446,6 +461,11 @@ def test_gan_learns_colour_names(assets, tmp_path, vgen_cli):
         right += names[int(np.linalg.norm(palette - centre, axis=1).argmin())] == row["prompt"]
     assert right >= len(names) - 1, right
     assert manifest["model"]["kind"] == "gan" and manifest["settings"]["steps"] is None
+    # each image from its own seed, whatever the batch: one at a time gives the same pixels
+    alone = vgen_cli("generate", *names, "--run", out, "-o", tmp_path / "alone", "--batch-size", "1")
+    assert alone.exit_code == 0, alone.stderr
+    assert [Image.open(f).tobytes() for f in sorted(gen.glob("*.png"))] == \
+        [Image.open(f).tobytes() for f in sorted((tmp_path / "alone").glob("*.png"))]
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ from vgen.codecs.cache import encode_split
 from vgen.config import bounded, check_bounds
 from vgen.errors import ConfigError, ManifestError
 from vgen.families.ar_sampling import sample_tokens
-from vgen.families.base import DEFAULT_SAMPLE_PROMPTS, Family, Phase, SampleSettings, index_chunks
+from vgen.families.base import DEFAULT_SAMPLE_PROMPTS, Family, Phase, SampleSettings, in_fixed_batches, index_chunks
 from vgen.grid import make_grid, to_uint8
 from vgen.models.ar import ArNetworkConfig, TokenTransformer
 from vgen.models.conditioned import TextConditioned
@@ -190,4 +190,4 @@ class ArFamily(Family):
                                temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
                                use_cache=use_cache, autocast=autocast)
         codes = self.codec.quantizer.codes(tokens.view(-1, self.grid, self.grid))
-        return self.codec.decode(codes.to(device))
+        return in_fixed_batches(lambda rows: self.codec.decode(codes[rows].to(device)), len(codes))

@@ -33,6 +33,23 @@ def index_chunks(n: int, size: int = 64) -> list[list[int]]:
     """Indices 0 .. n - 1 in chunks of `size`: the batches a family validates its first n images in."""
     return [list(range(start, min(n, start + size))) for start in range(0, n, size)]
 
+# The batch shape at which samplers run their convolutional networks (see in_fixed_batches).
+FIXED_BATCH = 16
+
+
+def in_fixed_batches(fn: Callable[[torch.Tensor], torch.Tensor], n: int, size: int = FIXED_BATCH) -> torch.Tensor:
+    """fn(rows) -> the outputs for `rows` (indices into the caller's n inputs), called on exactly
+    `size` rows at a time: the last call's rows padded with repeats of its last one, whose outputs
+    are dropped. CPU convolutions (oneDNN) choose their algorithm by batch size, so an image decoded
+    with 15 others differs from the same image decoded alone (by up to one level of 255); at one
+    batch shape a row's output depends on that row alone, so the same seed gives the same pixels
+    whatever `--batch-size` the user asked for."""
+    outputs = []
+    for rows in index_chunks(n, size):
+        padded = torch.tensor(rows + rows[-1:] * (size - len(rows)))
+        outputs.append(fn(padded)[:len(rows)])
+    return torch.cat(outputs)
+
 @dataclass
 class Phase:
     """One optimisation phase of a training step: `loss(trained, batch, step) -> (loss, logs)`.

@@ -20,7 +20,7 @@ from vgen.config import bounded, check_bounds, chosen_by
 from vgen.diffusion.flow import flow_loss, interpolate, logit_normal_t
 from vgen.diffusion.samplers import SAMPLERS, classifier_free_guidance, time_grid, truncate_grid
 from vgen.errors import ConfigError, ManifestError
-from vgen.families.base import DEFAULT_SAMPLE_PROMPTS, Family, Phase, SampleSettings, index_chunks
+from vgen.families.base import DEFAULT_SAMPLE_PROMPTS, Family, Phase, SampleSettings, in_fixed_batches, index_chunks
 from vgen.grid import images_to_float, make_grid, to_uint8
 from vgen.models import NETWORK_CONFIGS, build_network
 from vgen.models.flow_model import TextToImageFlow
@@ -265,7 +265,7 @@ class FlowFamily(Family):
         z = sample_flow(model, prompts, seeds, self.model_shape, steps=settings.steps, guidance=settings.guidance,
                         sampler=settings.sampler, negative_prompts=settings.negative_prompts, edit=latent_edit,
                         autocast=autocast, device=device)
-        images = self.space.decode(z)
+        images = in_fixed_batches(lambda rows: self.space.decode(z[rows]), len(z))
         if edit is not None and edit.mask is not None:
             regenerate = edit.mask.to(device)
             images = regenerate * images + (1 - regenerate) * edit.image.to(device)

@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from vgen.atomic import atomic_path
 from vgen.config import bounded, check_bounds
 from vgen.errors import ConfigError
-from vgen.families.base import DEFAULT_SAMPLE_PROMPTS, Family, Phase, SampleSettings, index_chunks
+from vgen.families.base import DEFAULT_SAMPLE_PROMPTS, Family, Phase, SampleSettings, in_fixed_batches, index_chunks
 from vgen.families.config import OptimConfig
 from vgen.families.gan_terms import AUGMENTS, contrastive_loss, diff_augment
 from vgen.grid import images_to_float, make_grid, to_uint8
@@ -362,5 +362,6 @@ class GanFamily(Family):
         """One generator call: image i from z ~ N(0, I) seeded by seeds[i] alone, and prompt i."""
         z = initial_noise(seeds, (self.cfg.gan.generator.z_dim,)).to(device)
         text = model.encode_text(list(prompts))
-        with autocast():
-            return model.generator(z, text).float()
+        with autocast():  # G is convolutional: run at one batch shape (in_fixed_batches)
+            return in_fixed_batches(lambda rows: model.generator(z[rows], type(text)(*(t[rows] for t in text))).float(),
+                                    len(z))

@@ -28,7 +28,7 @@ from torch import nn
 from vgen.atomic import atomic_path
 from vgen.config import bounded, check_bounds
 from vgen.errors import ConfigError, UsageError
-from vgen.families.base import DEFAULT_SAMPLE_PROMPTS, Family, Phase, SampleSettings, index_chunks
+from vgen.families.base import DEFAULT_SAMPLE_PROMPTS, Family, Phase, SampleSettings, in_fixed_batches, index_chunks
 from vgen.families.config import OptimConfig
 from vgen.grid import images_to_float, make_grid, to_uint8
 from vgen.models.conditioned import TextConditioned
@@ -324,4 +324,4 @@ class VaeFamily(Family):
             raise UsageError(self.why_no_images(self.cfg, Path("this run")))
         z = initial_noise(seeds, self.latent_shape).to(device)
         with autocast():
-            return model.decode(z, list(prompts)).float()
+            return in_fixed_batches(lambda rows: model.decode(z[rows], [prompts[i] for i in rows]).float(), len(z))
