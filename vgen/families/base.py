@@ -28,10 +28,10 @@ SAMPLER_OPTIONS = {"steps": "--steps", "sampler": "--sampler", "guidance": "--gu
                    "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p"}
 
 
-
 def index_chunks(n: int, size: int = 64) -> list[list[int]]:
     """Indices 0 .. n - 1 in chunks of `size`: the batches a family validates its first n images in."""
     return [list(range(start, min(n, start + size))) for start in range(0, n, size)]
+
 
 # The batch shape at which samplers run their convolutional networks (see in_fixed_batches).
 FIXED_BATCH = 16
@@ -49,6 +49,7 @@ def in_fixed_batches(fn: Callable[[torch.Tensor], torch.Tensor], n: int, size: i
         padded = torch.tensor(rows + rows[-1:] * (size - len(rows)))
         outputs.append(fn(padded)[:len(rows)])
     return torch.cat(outputs)
+
 
 @dataclass
 class Phase:

@@ -359,7 +359,8 @@ class GanFamily(Family):
 
     @torch.no_grad()
     def sample(self, model, prompts, seeds, settings: SampleSettings, autocast, device) -> torch.Tensor:
-        """One generator call: image i from z ~ N(0, I) seeded by seeds[i] alone, and prompt i."""
+        """One generator pass (in batches of FIXED_BATCH): image i from z ~ N(0, I) seeded by seeds[i]
+        alone, and prompt i."""
         z = initial_noise(seeds, (self.cfg.gan.generator.z_dim,)).to(device)
         text = model.encode_text(list(prompts))
         with autocast():  # G is convolutional: run at one batch shape (in_fixed_batches)
