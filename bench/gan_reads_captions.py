@@ -29,10 +29,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gan_variants import add_arguments, build_variants
 from vgen.data import emoji_scenes as es
 from vgen.data.dataset import ImageCaptionDataset
-from vgen.families import build_family
-from vgen.families.config import load_train_config
 from vgen.grid import images_to_float
 
 KINDS = ("object", "order", "random", "twice")
@@ -79,11 +78,7 @@ def score(family, images: list[torch.Tensor], captions: list[str]) -> torch.Tens
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/gan-tiny-cpu.yaml")
-    parser.add_argument("--data", required=True, help="a dataset dir (vgen preprocess) of emoji scenes")
-    parser.add_argument("--text", required=True, help="text_encoder.source, e.g. run:demo/text-encoder")
-    parser.add_argument("--variant", action="append", default=[], metavar="SETS",
-                        help="comma-separated --set changes to the config ('' for the config itself); repeatable")
+    add_arguments(parser, "a dataset dir (vgen preprocess) of emoji scenes")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--val", type=int, default=512, help="val images to test on")
@@ -92,14 +87,11 @@ def main() -> None:
     train, val = (ImageCaptionDataset(Path(args.data), split, verify=False) for split in ("train", "val"))
     captions = sorted({c for cs in train.captions for c in cs})
     variants = []
-    for spec in args.variant or [""]:
-        cfg = load_train_config(args.config, [f"text_encoder.source={args.text}", *[s for s in spec.split(",") if s]])
-        torch.manual_seed(cfg.train.seed)
-        family = build_family(cfg, train.resolution, torch.device("cpu"))
+    for name, cfg, family in build_variants(args, train.resolution):
         d = family.model.d
         params = [p for p in d.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.gan.d_optim.lr, betas=tuple(cfg.gan.d_optim.betas), weight_decay=0)
-        variants.append((spec or "(the config)", family, optimizer, [0.0]))
+        variants.append((name, family, optimizer, [0.0]))
 
     order = random.Random(0)
     start = time.perf_counter()

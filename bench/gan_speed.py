@@ -20,20 +20,15 @@ from pathlib import Path
 
 import torch
 
+from gan_variants import add_arguments, build_variants
 from vgen.data.dataset import ImageCaptionDataset
-from vgen.families import build_family
-from vgen.families.config import load_train_config
 from vgen.randomness import SampleOrder
 from vgen.train.precision import cpu_bf16_instructions
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/gan-tiny-cpu.yaml")
-    parser.add_argument("--data", required=True, help="a dataset dir (vgen preprocess) at the config's image size")
-    parser.add_argument("--text", required=True, help="text_encoder.source, e.g. run:demo/text-encoder")
-    parser.add_argument("--variant", action="append", default=[], metavar="SETS",
-                        help="comma-separated --set changes to the config ('' for the config itself); repeatable")
+    add_arguments(parser, "a dataset dir (vgen preprocess) at the config's image size")
     parser.add_argument("--steps", type=int, default=16)
     args = parser.parse_args()
 
@@ -41,16 +36,12 @@ def main() -> None:
     bf16 = cpu_bf16_instructions()[0] is True
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else nullcontext
     variants = []
-    for spec in args.variant or [""]:
-        sets = [s for s in spec.split(",") if s]
-        cfg = load_train_config(args.config, [f"text_encoder.source={args.text}", *sets])
-        torch.manual_seed(cfg.train.seed)
-        family = build_family(cfg, data.resolution, torch.device("cpu"))
+    for name, cfg, family in build_variants(args, data.resolution):
         optimizers = []
         for phase in family.phases():
             params = [p for p in phase.module.parameters() if p.requires_grad]
             optimizers.append((phase, params, torch.optim.AdamW(params, lr=1e-5, fused=True)))
-        variants.append((spec or "(the config)", cfg, family, optimizers, []))
+        variants.append((name, cfg, family, optimizers, []))
     batch_size = variants[0][1].train.batch_size
     order = SampleOrder(0, len(data))
     print(f"batch {batch_size}, {'bf16 autocast' if bf16 else 'fp32'}, {torch.get_num_threads()} threads")
