@@ -208,7 +208,7 @@ def generate(
     temperature: Annotated[Optional[float], typer.Option(parser=finite_float, help="Token sampler (ar): the logits' temperature \\[default: the run's ar.sample_temperature].")] = None,
     top_k: Annotated[Optional[int], typer.Option(help="Token sampler (ar): draw from the k likeliest tokens, 0 = all \\[default: the run's ar.sample_top_k].")] = None,
     top_p: Annotated[Optional[float], typer.Option(parser=finite_float, help="Token sampler (ar): draw from the likeliest tokens holding this much probability, 1 = all \\[default: the run's ar.sample_top_p].")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per network batch (does not change the pixels).")] = 16,
+    batch_size: Annotated[int, typer.Option(help="Images per sampling batch (does not change the pixels: the networks that a batch's shape could change run 16 images at a time).")] = 16,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Generation dir to write \\[default: generations/YYYYmmdd-HHMMSS].")] = None,
     grid: Annotated[bool, typer.Option("--grid", help="Also write grid.png: one row per prompt, labelled.")] = False,
     init_image: Annotated[Optional[Path], typer.Option(help="Edit this image (resized and centre-cropped to the model's size).")] = None,

@@ -33,7 +33,7 @@ def index_chunks(n: int, size: int = 64) -> list[list[int]]:
     return [list(range(start, min(n, start + size))) for start in range(0, n, size)]
 
 
-# The batch shape at which samplers run their convolutional networks (see in_fixed_batches).
+# The batch shape at which samplers run their networks and decoders (see in_fixed_batches).
 FIXED_BATCH = 16
 
 

@@ -252,7 +252,23 @@ class FlowFamily(Family):
         is encoded and its mask taken to the latent grid (vgen.codecs.base.Codec.mask_to_latent);
         after decoding, the pixels outside the mask are the input's own again, so "known pixels
         are kept" holds exactly as in pixel space (the latents alone would keep them only to the
-        codec's reconstruction error)."""
+        codec's reconstruction error).
+
+        The network runs on FIXED_BATCH images at a time (`in_fixed_batches`): a CPU matmul's sums
+        are blocked by its row count, so an image's velocity differs in the last bits with the
+        batch it is drawn in, and 20 steps and a decoder can make that one level of 255."""
+        negatives = settings.negative_prompts
+
+        def rows_of(rows: torch.Tensor) -> torch.Tensor:
+            rows = rows.tolist()
+            picked = dataclasses.replace(settings, negative_prompts=None if negatives is None else
+                                         [negatives[i] for i in rows])
+            return self._sample(model, [prompts[i] for i in rows], [seeds[i] for i in rows], picked, autocast,
+                                device)
+
+        return in_fixed_batches(rows_of, len(prompts))
+
+    def _sample(self, model, prompts, seeds, settings: SampleSettings, autocast, device) -> torch.Tensor:
         edit = settings.edit
         if self.space.codec.is_pixels:
             return sample_flow(model, prompts, seeds, self.image_shape, steps=settings.steps,
@@ -265,7 +281,7 @@ class FlowFamily(Family):
         z = sample_flow(model, prompts, seeds, self.model_shape, steps=settings.steps, guidance=settings.guidance,
                         sampler=settings.sampler, negative_prompts=settings.negative_prompts, edit=latent_edit,
                         autocast=autocast, device=device)
-        images = in_fixed_batches(lambda rows: self.space.decode(z[rows]), len(z))
+        images = self.space.decode(z)
         if edit is not None and edit.mask is not None:
             regenerate = edit.mask.to(device)
             images = regenerate * images + (1 - regenerate) * edit.image.to(device)
