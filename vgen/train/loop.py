@@ -56,6 +56,11 @@ def _cpp_compiler() -> str | None:
     return next((path for name in names if (path := shutil.which(name))), None)
 
 
+def _gpu_memory(device: torch.device) -> dict:
+    """The peak memory allocated on a CUDA device so far (what a user sizes train.batch_size by)."""
+    return {"gpu_peak_gib": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -425,7 +430,8 @@ def _train(cfg, data_dir: Path, run_dir: Path, dist: Distributed, start_over: bo
                                                                            s.phase.optim.warmup_steps,
                                                                            s.phase.optim.min_lr_ratio) for s in states},
                                          **grad_norms, **{k: v for k, v in row.items() if not k.startswith("loss")},
-                                         "images_per_s": rate, "nonfinite_skipped": nonfinite, "time": time.time()}
+                                         "images_per_s": rate, **_gpu_memory(device), "nonfinite_skipped": nonfinite,
+                                         "time": time.time()}
                         metrics.write(last["train"])
                         progress(step, row, rate)
                     window_start, window_images = time.perf_counter(), 0
