@@ -29,25 +29,18 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vgen.config import to_dict
 from vgen.families import build_family
-from vgen.families.config import recorded_train_config
 from vgen.data.dataset import (ImageCaptionDataset, dataset_content_sha256, dataset_sha256, load_dataset_manifest,
                                verify_dataset)
-from vgen.errors import ConfigError, IntegrityError, ManifestError, UsageError, VgenError
-from vgen.manifest import read_manifest, sha256_file, write_manifest
-from vgen.outputs import OutputLock, check_not_an_input, check_output_dir
+from vgen.errors import ConfigError, VgenError
+from vgen.manifest import sha256_file, write_manifest
 from vgen import checkpoint as ckpt
 from vgen.distributed import Distributed, all_reduce, barrier, init_distributed, shutdown
 from vgen.train.ema import ema_decay, make_ema, update_ema
+from vgen.train.run_dir import METRICS_FILE, RUN_MANIFEST, check_checkpoints, check_same_run, claim_run_dir
 from vgen.train.precision import autocast_factory, choose_precision, enable_tf32
 from vgen.randomness import SampleOrder
 from vgen.train.schedule import learning_rate
 from vgen.ui import console, say, warn
-
-RUN_MANIFEST = "run.yaml"
-METRICS_FILE = "metrics.jsonl"
-# Settings that may change between a run and its resumption without changing what is trained.
-RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.sample_every", "train.val_every", "train.val_images", "train.compile"}
 
 
 def _cpp_compiler() -> str | None:
@@ -59,69 +52,6 @@ def _cpp_compiler() -> str | None:
 def _gpu_memory(device: torch.device) -> dict:
     """The peak memory allocated on a CUDA device so far (what a user sizes train.batch_size by)."""
     return {"gpu_peak_gib": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
-
-
-def _check_same_run(run_dir: Path, resolved: dict, data_dir: Path) -> None:
-    """Refuse to resume a run dir with a different config or dataset: the result would be neither
-    run. A dataset may move, or be rebuilt from the same files: the same content is the same data.
-    The recorded config is read back through the schema first, so a key that a later vgen added
-    (with its default) is no change."""
-    previous = read_manifest(run_dir / RUN_MANIFEST, "run", required=("config",))
-    if not isinstance(previous["config"], dict) or not isinstance(previous.get("dataset") or {}, dict):
-        raise ManifestError(f"{run_dir / RUN_MANIFEST}: `config` and `dataset` must be mappings")
-    recorded = previous["config"]
-    if recorded.get("kind", "flow") == resolved["kind"]:
-        with contextlib.suppress(VgenError):  # a config this vgen cannot read is compared as it is
-            recorded = to_dict(recorded_train_config(recorded, str(run_dir / RUN_MANIFEST)))
-    old, new = _flatten(recorded), _flatten(resolved)
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
-    if changed:
-        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
-        raise ConfigError(f"{run_dir} holds a run with a different config ({details}); "
-                          "use a new --out directory, or the same config to resume")
-    dataset = previous.get("dataset") or {}
-    # Runs of vgen before content_sha256 recorded only the manifest's hash.
-    recorded, current = (dataset.get("content_sha256"), dataset_content_sha256(data_dir)) \
-        if dataset.get("content_sha256") else (dataset.get("manifest_sha256"), dataset_sha256(data_dir))
-    if recorded and recorded != current:
-        raise UsageError(f"--data {data_dir}: {run_dir} was trained on another dataset "
-                         f"({dataset.get('path')}, sha256 {str(recorded)[:12]}…); resume it "
-                         "with that --data, or train on this one into a new --out directory")
-
-
-def _check_checkpoints(run_dir: Path, start_over: bool) -> None:
-    """When a run dir has checkpoints and none of them verifies, resuming would silently start from
-    step 0 and prune them: refuse, or with `start_over` set them aside (never delete them). Damaged
-    ones newer than the one resumed are set aside too: left in place, pruning by step would keep
-    them and delete the good ones."""
-    present = ckpt.list_checkpoints(run_dir)
-    if not present:
-        return
-    damaged = ckpt.damaged_checkpoints(run_dir)
-    if damaged and not start_over and len(damaged) < len(present):
-        aside = ckpt.set_aside(run_dir, list(damaged))
-        warn(f"moved {len(damaged)} damaged checkpoints to {aside} ({'; '.join(damaged.values())}); resuming from "
-             "the newest intact one")
-    elif start_over:
-        aside = ckpt.set_aside(run_dir, present)
-        for name in (METRICS_FILE,):
-            if (run_dir / name).exists():
-                (run_dir / name).rename(aside / name)
-        warn(f"--start-over: moved {len(present)} checkpoints and {METRICS_FILE} to {aside}; training from step 0")
-    elif len(damaged) == len(present):
-        details = "; ".join(damaged.values())
-        raise IntegrityError(f"{run_dir}: every checkpoint is damaged, so the run cannot resume ({details}). "
-                             "Nothing was changed. Train into a new --out directory, or pass --start-over to "
-                             f"train from step 0 here (the damaged checkpoints are moved to {run_dir}/set-aside-N/, "
-                             "not deleted)")
 
 
 def _param_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
@@ -208,7 +138,7 @@ def train(cfg, data_dir: Path, run_dir: Path, start_over: bool = False) -> dict 
     dist = init_distributed(cfg.train.device)
     lock = None
     try:
-        lock = _on_main(dist, lambda: _claim_run_dir(Path(run_dir), Path(data_dir)))
+        lock = _on_main(dist, lambda: claim_run_dir(Path(run_dir), Path(data_dir)))
         summary = _train(cfg, Path(data_dir), Path(run_dir), dist, start_over)
         return summary if dist.is_main else None
     finally:
@@ -231,29 +161,6 @@ def _on_main(dist: Distributed, work):
     return result
 
 
-def _claim_run_dir(run_dir: Path, data_dir: Path) -> OutputLock:
-    """Lock `run_dir` and check it is new, empty or a run (to resume). A run.yaml that still says
-    `running` while we hold the lock belongs to a process that was killed: it is corrected first."""
-    check_not_an_input(run_dir, [("dataset", data_dir)])
-    lock = OutputLock(run_dir, warn=warn).acquire()
-    try:
-        if check_output_dir(run_dir, RUN_MANIFEST, "run", False, existing="resume"):
-            _mark_killed(run_dir)
-    except BaseException:
-        lock.release()
-        raise
-    return lock
-
-
-def _mark_killed(run_dir: Path) -> None:
-    manifest = read_manifest(run_dir / RUN_MANIFEST, "run")
-    if manifest.get("status") == "running":
-        body = {k: v for k, v in manifest.items() if k not in ("schema", "kind", "vgen_version", "created")}
-        write_manifest(run_dir / RUN_MANIFEST, "run", {**body, "status": "interrupted",
-                                                       "error": "the process training it stopped without a word "
-                                                                "(killed, or the machine went down)"})
-
-
 def _train(cfg, data_dir: Path, run_dir: Path, dist: Distributed, start_over: bool) -> dict:
     loop, device = cfg.train, dist.device
     if loop.batch_size % dist.world_size:
@@ -266,8 +173,8 @@ def _train(cfg, data_dir: Path, run_dir: Path, dist: Distributed, start_over: bo
     if len(val_set) == 0:
         val_set = train_set
     if (run_dir / RUN_MANIFEST).exists():
-        _check_same_run(run_dir, resolved, data_dir)
-    _on_main(dist, lambda: _check_checkpoints(run_dir, start_over))
+        check_same_run(run_dir, resolved, data_dir)
+    _on_main(dist, lambda: check_checkpoints(run_dir, start_over))
     enable_tf32(device)
 
     torch.manual_seed(loop.seed)  # the initial weights; DDP broadcasts rank 0's anyway
