@@ -6,16 +6,17 @@ stderr; `vgen --debug ...` shows the traceback instead.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
 from vgen import __version__
+from vgen.cli_understand import classify, search_app
 from vgen.errors import VgenError
+from vgen.ui import print_json
 
 app = typer.Typer(
     name="vgen",
@@ -41,22 +42,6 @@ def finite_float(text: str) -> float:
     if not math.isfinite(number):
         raise typer.BadParameter(f"{text!r} is not a finite number")
     return number
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN and infinity (a skipped step's gradient norm) as null: JSON has no such numbers."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def _print_json(summary: Any) -> None:
-    """The --json summary: alone on stdout (everything else vgen prints goes to stderr)."""
-    print(json.dumps(_json_safe(summary), indent=2, ensure_ascii=False, allow_nan=False, default=str))
 
 
 def _version(value: bool) -> None:
@@ -95,7 +80,7 @@ def data_emoji_scenes(
     shares = ", ".join(f"{k} {v}" for k, v in summary["relations"].items())
     say(f"wrote {count} scenes to {out_dir} ({shares})")
     if json_output:
-        _print_json(summary)
+        print_json(summary)
 
 
 @data_app.command("emoji-scenes-prompts")
@@ -117,7 +102,7 @@ def data_emoji_scenes_prompts(
     write_prompts(out_file, prompts)
     say(f"wrote {len(prompts)} {split} prompts to {out_file}")
     if json_output:
-        _print_json({"file": str(out_file.resolve()), "split": split, "count": len(prompts), "prompts": prompts})
+        print_json({"file": str(out_file.resolve()), "split": split, "count": len(prompts), "prompts": prompts})
 
 
 @app.command()
@@ -162,7 +147,7 @@ def preprocess(
     )
     manifest = run_preprocess(raw_dir, out, options)
     if json_output:
-        _print_json({"out_dir": str(out.resolve()), "manifest": str((out / "dataset.yaml").resolve()),
+        print_json({"out_dir": str(out.resolve()), "manifest": str((out / "dataset.yaml").resolve()),
                      "resolution": manifest["resolution"], "counts": manifest["counts"],
                      "splits": {k: manifest["splits"][k] for k in ("train", "val")},
                      "captions": manifest["captions"], "shards": len(manifest["shards"])})
@@ -190,7 +175,7 @@ def train(
     cfg = load_train_config(config, overrides or ())
     summary = run_training(cfg, data, out, start_over=start_over)
     if json_output and summary is not None:
-        _print_json(summary)
+        print_json(summary)
 
 
 @app.command()
@@ -261,7 +246,7 @@ def generate(
     if summary["grid"]:
         say(f"grid: {summary['grid']}")
     if json_output:
-        _print_json(summary)
+        print_json(summary)
 
 
 @app.command()
@@ -342,9 +327,14 @@ def evaluate(
     say(f"wrote {out / 'evaluation.yaml'} in {manifest['timings']['total_s']:.0f} s", style="green")
     say(f"report: {out / 'report.html'}")
     if json_output:
-        _print_json({"out_dir": str(out.resolve()), "manifest": str((out / "evaluation.yaml").resolve()),
+        print_json({"out_dir": str(out.resolve()), "manifest": str((out / "evaluation.yaml").resolve()),
                      "report": str((out / "report.html").resolve()), **manifest["headline"],
                      "caveats": manifest.get("caveats", [])})
+
+
+# The understanding half: zero-shot classification and search with a CLIP (vgen/cli_understand.py).
+app.command()(classify)
+app.add_typer(search_app, name="search")
 
 
 def _fail(message: str, code: int) -> None:

@@ -6,8 +6,11 @@ Human output goes to stderr so that stdout stays free for machine-readable outpu
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import re
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
@@ -104,3 +107,19 @@ def metric_table(metrics: dict[str, dict]):
         table.add_row(cell(name), cell(text), cell(result.get("n_generated", result.get("n", ""))),
                       cell(result.get("extractor_id") or ""), cell(reference or ""))
     return table
+
+
+def json_safe(value: Any) -> Any:
+    """NaN and infinity (a skipped step's gradient norm) as null: JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def print_json(summary: Any) -> None:
+    """The --json summary: alone on stdout (everything else vgen prints goes to stderr)."""
+    print(json.dumps(json_safe(summary), indent=2, ensure_ascii=False, allow_nan=False, default=str))

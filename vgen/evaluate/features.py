@@ -280,7 +280,14 @@ class ClipFeatures(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = resize_float(images, self.image_size, self.interpolation, center_crop=True)
+        return self.encode_prepared(self.prepare(images))
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images of any one size -> float32 N x 3 x image_size x image_size in [0, 255]: images
+        of different sizes are prepared one by one, then batched for `encode_prepared`."""
+        return resize_float(images, self.image_size, self.interpolation, center_crop=True)
+
+    def encode_prepared(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.mean.device) / 255.0
         x = (x - self.mean) / self.std
         with torch.no_grad():
