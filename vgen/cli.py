@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from vgen import __version__
-from vgen.cli_understand import classify, search_app
+from vgen.cli_understand import caption, classify, search_app
 from vgen.errors import VgenError
 from vgen.ui import print_json
 
@@ -118,6 +118,7 @@ def preprocess(
     allow_empty_captions: Annotated[bool, typer.Option(help="Keep images without any caption.")] = False,
     shard_mb: Annotated[float, typer.Option(parser=finite_float, help="Maximum size of one shard file in MiB.")] = 32.0,
     context_length: Annotated[int, typer.Option(help="Text encoder context, for reporting captions it truncates.")] = 77,
+    caption_with: Annotated[Optional[Path], typer.Option(help="A captioner run: images without a caption get the one it writes (counted apart in dataset.yaml) instead of being skipped.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier dataset at --out (never a folder of anything else).")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout (and nothing else there).")] = False,
 ) -> None:
@@ -145,7 +146,12 @@ def preprocess(
         context_length=context_length,
         overwrite=overwrite,
     )
-    manifest = run_preprocess(raw_dir, out, options)
+    captioner = None
+    if caption_with is not None:
+        from vgen.understand.captioning import RunCaptioner
+
+        captioner = RunCaptioner(caption_with)
+    manifest = run_preprocess(raw_dir, out, options, captioner)
     if json_output:
         print_json({"out_dir": str(out.resolve()), "manifest": str((out / "dataset.yaml").resolve()),
                      "resolution": manifest["resolution"], "counts": manifest["counts"],
@@ -332,7 +338,8 @@ def evaluate(
                      "caveats": manifest.get("caveats", [])})
 
 
-# The understanding half: zero-shot classification and search with a CLIP (vgen/cli_understand.py).
+# The understanding half: captions, zero-shot classification and search (vgen/cli_understand.py).
+app.command()(caption)
 app.command()(classify)
 app.add_typer(search_app, name="search")
 

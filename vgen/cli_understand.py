@@ -1,4 +1,4 @@
-"""The understanding commands of the `vgen` command line: `vgen classify` and `vgen search`.
+"""The understanding commands of the `vgen` command line: `vgen caption`, `vgen classify`, `vgen search`.
 
 Thin, like vgen.cli: parse, call vgen.understand, print. Human output on stderr, `--json` alone on
 stdout; torch is imported only when a command runs (`vgen --help` stays fast).
@@ -6,6 +6,7 @@ stdout; torch is imported only when a command runs (`vgen --help` stays fast).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -94,6 +95,87 @@ def classify(
     if score["n"]:
         say(f"accuracy over the {score['n']} images whose caption is one of the labels: "
             + ", ".join(f"{k} {v:.3f}" for k, v in score.items() if k != "n"), style="green")
+    if not kept:
+        raise VgenError(f"none of the {len(items)} images could be read (first: {printable(failed[0][0])}: {failed[0][1]})")
+
+
+def caption(
+    images: Annotated[list[Path], typer.Argument(help="Image files, folders of images (recursive), or a vgen "
+                                                 "dataset dir (its --split, scored against its captions).")],
+    run: Annotated[Path, typer.Option("--run", "-r", help="A captioner run (vgen train -c configs/captioner-tiny-cpu.yaml).")] = ...,
+    checkpoint: Annotated[str, typer.Option(help="latest or a step number.")] = "latest",
+    decoder: Annotated[Optional[str], typer.Option(help="greedy | beam | sample \\[default: the run's captioner.sample_decoder].")] = None,
+    beams: Annotated[Optional[int], typer.Option(min=1, help="Beam width for --decoder beam \\[default: the run's].")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="For --decoder sample, above 0 \\[default: the run's].")] = None,
+    seed: Annotated[int, typer.Option(help="For --decoder sample: image i draws its bytes from seed S + i.")] = 0,
+    split: Annotated[str, typer.Option(help="For a dataset dir: which split.")] = "val",
+    write_sidecars: Annotated[bool, typer.Option(help="Write each image's caption to IMAGE.txt beside it (image files only).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="With --write-sidecars: replace captions that exist (else they are kept and reported).")] = False,
+    device: DeviceOption = "auto",
+    json_output: Annotated[bool, typer.Option("--json", help="JSON lines on stdout: one per image, then a summary.")] = False,
+) -> None:
+    """Write a caption for each image with a captioner run (greedy, beam search or sampling).
+
+    On a dataset dir, the written captions are scored against the true ones: exact match, BLEU-4,
+    and for emoji scenes the accuracy of each slot and of the scene.
+
+    Examples:
+      vgen caption photos/ --run demo/captioner --write-sidecars
+      vgen caption demo/dataset --run demo/captioner --decoder beam --json | tail -1
+    """
+    import json
+
+    from vgen.atomic import atomic_write_text
+    from vgen.ui import printable, progress_bar, say
+    from vgen.understand.caption_metrics import caption_scores
+    from vgen.understand.captioning import RunCaptioner
+    from vgen.understand.inputs import collect_images, is_dataset_dir, load_images
+
+    if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
+        raise UsageError(f"--temperature: expected a finite number above 0, got {temperature}")
+    if write_sidecars and any(is_dataset_dir(p) for p in images):
+        raise UsageError("--write-sidecars writes IMAGE.txt beside image files; a dataset dir has none to write")
+    items = collect_images(images, split)
+    captioner = RunCaptioner(run, checkpoint, device, decoder, beams, temperature)
+    with progress_bar("read", len(items)) as advance:
+        pixels, kept, failed = load_images(items, captioner.input_size, advance)
+    written: list[str] = []
+    with progress_bar("caption", len(kept)) as advance:
+        for start in range(0, len(kept), 64):
+            chunk = pixels[start:start + 64]
+            written += captioner(chunk, [seed + kept[i] for i in range(start, start + len(chunk))])
+            advance(len(chunk))
+    sidecars = {"written": 0, "kept": []}
+    if write_sidecars:
+        for i, text in zip(kept, written):
+            path = Path(items[i].name).with_suffix(".txt")
+            if path.exists() and not overwrite:
+                sidecars["kept"].append(str(path))
+                continue
+            atomic_write_text(path, text + "\n")
+            sidecars["written"] += 1
+    scores = caption_scores(written, [items[i].captions for i in kept])
+    summary = {"images": len(kept), "unreadable": [{"image": n, "reason": why} for n, why in failed],
+               "run": str(run), "step": captioner.loaded.step, "decoder": captioner.settings.decoder, "scores": scores,
+               **({"sidecars": sidecars} if write_sidecars else {})}
+    if json_output:
+        for i, text in zip(kept, written):
+            row = {"image": items[i].name, "caption": text}
+            if items[i].captions:
+                row["true"] = list(items[i].captions)
+            print(json.dumps(row, ensure_ascii=False))
+        print(json.dumps({"summary": summary}, ensure_ascii=False))
+    for i, text in list(zip(kept, written))[:SHOWN]:
+        say(f"{items[i].name}: {text}")
+    if len(kept) > SHOWN:
+        say(f"... and {len(kept) - SHOWN} more (--json lists every image)")
+    for name, why in failed:
+        say(f"skipped {name}: {why}", style="yellow")
+    for path in sidecars["kept"]:
+        say(f"kept the existing caption {path} (--overwrite replaces it)", style="yellow")
+    if scores["n"]:
+        say(f"against the true captions of {scores['n']} images: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if k != "n"), style="green")
     if not kept:
         raise VgenError(f"none of the {len(items)} images could be read (first: {printable(failed[0][0])}: {failed[0][1]})")
 

@@ -162,9 +162,13 @@ def _parse_checkpoint(which: str | int) -> str | int:
 
 
 def load_run(run_dir: str | Path, checkpoint: str | int = "latest", device: str = "auto",
-             precision: str = "auto", warn: Callable[[str], None] | None = None) -> LoadedRun:
+             precision: str = "auto", warn: Callable[[str], None] | None = None,
+             purpose: str = "images") -> LoadedRun:
     """The EMA weights of checkpoint `checkpoint` of the run at `run_dir`, in the family, networks
     and text encoder the run was trained with (all read through run.yaml).
+
+    `purpose` images: a run that draws images (vgen generate, evaluate); captions: a run whose
+    family writes captions (`caption`, vgen caption). Any other run is refused, saying what it is.
 
     `precision` auto: bf16 autocast on CUDA; fp32 on CPU, where bf16 would make an image depend on
     the batch it was drawn in (rounding differs with the batch shape, and 20 steps amplify it).
@@ -176,7 +180,13 @@ def load_run(run_dir: str | Path, checkpoint: str | int = "latest", device: str 
     run_dir, manifest = _read_run(Path(run_dir))
     manifest_path = run_dir / RUN_MANIFEST
     cfg = _run_config(run_dir, manifest)
-    reason = family_class(cfg.kind).why_no_images(cfg, run_dir)
+    if purpose == "captions":
+        if not hasattr(family_class(cfg.kind), "caption"):
+            raise ManifestError(f"{manifest_path}: a {cfg.kind} run writes no captions; vgen caption needs a run "
+                                f"of kind captioner (vgen train -c configs/captioner-tiny-cpu.yaml)")
+        reason = None
+    else:
+        reason = family_class(cfg.kind).why_no_images(cfg, run_dir)
     if reason:
         from vgen.families.config import config_class
 
@@ -196,7 +206,7 @@ def load_run(run_dir: str | Path, checkpoint: str | int = "latest", device: str 
     family.restore(manifest, str(manifest_path))
     model = family.ema_target()
     trained_with = (manifest.get("export") or {}).get("text_encoder")
-    if trained_with and trained_with != model.text_encoder.id:
+    if trained_with and trained_with != getattr(getattr(model, "text_encoder", None), "id", trained_with):
         raise ManifestError(f"{manifest_path}: the run was trained with text encoder {trained_with}, but "
                             f"text_encoder.source {cfg.text_encoder.source} now holds {model.text_encoder.id}; the "
                             "generator only understands the features of the encoder it was trained with")

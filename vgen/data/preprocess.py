@@ -80,6 +80,7 @@ class _WorkerSettings:
     min_size: int
     allow_empty_captions: bool
     max_pixels: int
+    caption_missing: bool = False  # a captioner will write the caption of an image that has none
 
 
 @dataclass
@@ -93,6 +94,7 @@ class _Outcome:
     controls: int = 0  # terminal control characters / escape sequences removed from the captions
     size: tuple[int, int] = (0, 0)
     pixels: bytes = b""
+    generate_caption: bool = False  # no caption of its own: the captioner writes one
 
 
 _settings: _WorkerSettings | None = None
@@ -124,7 +126,9 @@ def _process(candidate: Candidate) -> _Outcome:
         if note:
             out.notes.append(f"{os.path.basename(sidecar)}: {note}")
     out.captions = clean_captions(texts)
-    if not out.captions and not _settings.allow_empty_captions:
+    if not out.captions and _settings.caption_missing:
+        out.generate_caption = True
+    elif not out.captions and not _settings.allow_empty_captions:
         found = "empty caption file" if candidate.sidecars else "no sidecar caption file or metadata row"
         out.reason, out.detail = "no_caption", f"{found} (use --allow-empty-captions to keep it)"
         return out
@@ -193,8 +197,14 @@ class _Stats:
         return {"min": int(low), "max": int(high), "mean": round(total / n, 2) if n else 0.0}
 
 
-def preprocess(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, options: PreprocessOptions) -> dict:
-    """Run the stage; return the dataset manifest. Raises VgenError when nothing could be kept."""
+def preprocess(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, options: PreprocessOptions,
+               captioner=None) -> dict:
+    """Run the stage; return the dataset manifest. Raises VgenError when nothing could be kept.
+
+    `captioner` (e.g. vgen.understand.captioning.RunCaptioner): `captioner(uint8 images [N, 3, R, R])
+    -> captions` and `captioner.describe() -> dict`; with it, an image without a caption gets the
+    one it writes instead of being skipped, marked `generated_caption` in the index and counted
+    apart in dataset.yaml."""
     options.validate()
     raw, out = Path(raw_dir).resolve(), Path(out_dir).resolve()
     if not raw.is_dir():
@@ -203,24 +213,54 @@ def preprocess(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, options: 
         raise UsageError(f"-o {out_dir} is inside the raw folder {raw_dir}; choose a directory outside it")
     with claim_output_dir(out, DATASET_MANIFEST, "dataset", options.overwrite, inputs=[("raw folder", raw_dir)],
                           option="-o", warn=warn):
-        return _preprocess(raw, out, raw_dir, out_dir, options)
+        return _preprocess(raw, out, raw_dir, out_dir, options, captioner)
 
 
-def _preprocess(raw: Path, out: Path, raw_dir, out_dir, options: PreprocessOptions) -> dict:
+CAPTION_BATCH = 64  # images a captioner is given at once
+
+
+def _with_generated_captions(outcomes: Iterable[_Outcome], captioner, resolution: int) -> Iterator[_Outcome]:
+    """The outcomes in their order, those that need a caption given the captioner's, written for
+    CAPTION_BATCH of them at a time (a bounded window of outcomes waits for each batch)."""
+    pending: list[_Outcome] = []
+
+    def flush() -> Iterator[_Outcome]:
+        needing = [o for o in pending if o.generate_caption and o.reason is None]
+        if needing:
+            import torch
+
+            images = torch.from_numpy(np.stack([np.frombuffer(o.pixels, np.uint8).reshape(3, resolution, resolution)
+                                                for o in needing]))
+            for o, text in zip(needing, captioner(images)):
+                o.captions = clean_captions([text])
+                if not o.captions:
+                    o.reason, o.detail = "no_caption", "no caption of its own, and the captioner wrote an empty one"
+        yield from pending
+        pending.clear()
+
+    for outcome in outcomes:
+        pending.append(outcome)
+        if sum(o.generate_caption for o in pending) >= CAPTION_BATCH or len(pending) >= 16 * CAPTION_BATCH:
+            yield from flush()
+    yield from flush()
+
+
+def _preprocess(raw: Path, out: Path, raw_dir, out_dir, options: PreprocessOptions, captioner=None) -> dict:
 
     def candidates() -> Iterator[Candidate]:
         return discover(raw, options.caption_extensions or None, options.caption_column)
 
     total = sum(1 for _ in candidates())  # a cheap first pass, for the progress bar's total
     R = options.resolution
-    settings = _WorkerSettings(str(raw), R, options.effective_min_size, options.allow_empty_captions, options.max_pixels)
+    settings = _WorkerSettings(str(raw), R, options.effective_min_size, options.allow_empty_captions, options.max_pixels,
+                               caption_missing=captioner is not None)
     window = max(16 * options.workers, min(4096, (64 << 20) // (3 * R * R)))
     tokenizer = CaptionTokenizer(options.context_length)
     skipped: Counter[str] = Counter()
     examples: dict[str, tuple[str, str]] = {}
     first_seen: dict[bytes, str] = {}  # content hash -> first path, for exact duplicates
     stats = _Stats()
-    kept = truncated = lenient = controls = controlled_images = 0
+    kept = truncated = lenient = controls = controlled_images = generated = 0
     truncated_example = ""
 
     with atomic_directory(out, overwrite=True) as tmp:  # claim_output_dir decided it may be replaced
@@ -232,7 +272,10 @@ def _preprocess(raw: Path, out: Path, raw_dir, out_dir, options: PreprocessOptio
             open(tmp / SKIPPED_FILE, "w", encoding="utf-8") as skipped_file,
             progress_bar("preprocess", total=total) as advance,
         ):
-            for outcome in _outcomes(candidates(), settings, options.workers, window):
+            outcomes = _outcomes(candidates(), settings, options.workers, window)
+            if captioner is not None:
+                outcomes = _with_generated_captions(outcomes, captioner, R)
+            for outcome in outcomes:
                 advance(1)
                 if outcome.reason is None and outcome.digest in first_seen:
                     outcome.reason, outcome.detail = "duplicate", f"same content as {first_seen[outcome.digest]}"
@@ -270,6 +313,9 @@ def _preprocess(raw: Path, out: Path, raw_dir, out_dir, options: PreprocessOptio
                 }
                 if outcome.notes:
                     row["notes"] = outcome.notes
+                if outcome.generate_caption:
+                    row["generated_caption"] = True
+                    generated += 1
                 index_file.write(json.dumps(row, ensure_ascii=False) + "\n")
                 kept += 1
         for writer in writers.values():
@@ -317,6 +363,8 @@ def _preprocess(raw: Path, out: Path, raw_dir, out_dir, options: PreprocessOptio
                     "non_utf8_decoded": lenient,
                     "control_characters_removed": controls,
                     "images_with_control_characters": controlled_images,
+                    # only with --caption-with: a dataset without it is byte-identical to before
+                    **({"generated": generated, "generated_by": captioner.describe()} if captioner is not None else {}),
                 },
                 "options": {
                     **{k: v for k, v in asdict(options).items() if k not in ("overwrite", "resolution")},
@@ -325,8 +373,8 @@ def _preprocess(raw: Path, out: Path, raw_dir, out_dir, options: PreprocessOptio
                 },
             },
         )
-    say(f"wrote {out_dir}/{DATASET_MANIFEST}: {kept} images ({split_counts['train']} train, {split_counts['val']} val)",
-        style="green")
+    say(f"wrote {out_dir}/{DATASET_MANIFEST}: {kept} images ({split_counts['train']} train, {split_counts['val']} val)"
+        + (f", {generated} of them captioned by the captioner" if captioner is not None else ""), style="green")
     return manifest
 
 

@@ -16,6 +16,7 @@ FAMILIES = {
     "vae": "vgen.families.vae:VaeFamily",  # a KL autoencoder: the latent codec, or a conditional VAE generator
     "ar": "vgen.families.ar:ArFamily",  # an autoregressive transformer over a tokenizer's image tokens
     "clip": "vgen.families.clip:ClipFamily",  # contrastive image-text training (a text encoder)
+    "captioner": "vgen.families.captioner:CaptionerFamily",  # image -> caption (vgen caption)
 }
 
 

@@ -77,6 +77,13 @@ def rotary_2d(head_dim: int, grid: int, base: float) -> tuple[torch.Tensor, torc
     return angles.cos().float(), angles.sin().float()
 
 
+def rotary_1d(head_dim: int, length: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [length, head_dim / 2] of sequence positions 0 .. length - 1 (RoFormer's rotary)."""
+    freqs = 1.0 / base ** (torch.arange(head_dim // 2, dtype=torch.float64) / (head_dim // 2))
+    angles = torch.arange(length)[:, None] * freqs
+    return angles.cos().float(), angles.sin().float()
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate channel pairs (2i, 2i + 1) of x [B, heads, T, d] by the angles of cos, sin [T, d / 2]."""
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
@@ -127,9 +134,13 @@ class Block(nn.Module):
 
 class TokenTransformer(TextRefinement, nn.Module):
     """logits = net(tokens, text): next-token logits [B, N, codebook] for every image token, the
-    caption a vgen.text.encoder.TextFeatures."""
+    caption a vgen.text.encoder.TextFeatures.
 
-    def __init__(self, cfg: ArNetworkConfig, codebook_size: int, grid: int, text_width: int):
+    With `sequence` = L > 0 the tokens are a 1-D sequence of at most L positions with 1-D rotary
+    positions instead of a grid x grid image (the captioner: bytes of a caption written after an
+    image, the image's tokens as the cross-attended context)."""
+
+    def __init__(self, cfg: ArNetworkConfig, codebook_size: int, grid: int, text_width: int, sequence: int = 0):
         super().__init__()
         self.cfg, self.grid, self.codebook_size = cfg, grid, codebook_size
         self.init_text_refinement(cfg.text_lexical, cfg.text_refiner_layers, text_width)
@@ -141,7 +152,8 @@ class TokenTransformer(TextRefinement, nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, text_width) for _ in range(cfg.depth))
         self.norm = RMSNorm(cfg.width)
         self.head = nn.Linear(cfg.width, codebook_size, bias=False)
-        cos, sin = rotary_2d(cfg.width // cfg.heads, grid, cfg.rope_base)
+        head_dim = cfg.width // cfg.heads
+        cos, sin = rotary_1d(head_dim, sequence, cfg.rope_base) if sequence else rotary_2d(head_dim, grid, cfg.rope_base)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
@@ -207,3 +219,13 @@ class TokenTransformer(TextRefinement, nn.Module):
             logits = self._run(state["x"], state["keys"], 0, state["P"], state["text"], state["text_mask"],
                                [None] * len(self.blocks))
         return logits[:, -1]
+
+    @staticmethod
+    def reorder(state: dict, rows: torch.Tensor) -> None:
+        """Keep rows `rows` of a decoding state, in that order (beam search: the surviving beams)."""
+        for key in ("keys", "text", "text_mask", "x"):
+            if state[key] is not None:
+                state[key] = state[key][rows]
+        for cache in state["caches"] or []:
+            for key in cache:
+                cache[key] = cache[key][rows]

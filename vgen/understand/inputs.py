@@ -109,3 +109,29 @@ def embed_images(clip, images: Sequence[InputImage], batch_size: int = 64,
     flush()
     width = clip.num_features
     return (torch.cat(features) if features else torch.empty(0, width)), kept, failed
+
+
+def load_images(images: Sequence[InputImage], size: int,
+                advance: Callable[[int], None] | None = None) -> tuple[torch.Tensor, list[int], list[tuple[str, str]]]:
+    """The images that can be read, as uint8 [n, 3, size, size] (others centre-cropped and resized,
+    PIL bicubic with antialiasing, as open_clip prepares them), the indices of `images` they belong
+    to, and (name, reason) of each one that cannot be read."""
+    from vgen.evaluate.features import resize_float
+
+    pixels, kept, failed = [], [], []
+    for i, item in enumerate(images):
+        try:
+            image = item.load()
+        except ImageRejected as e:
+            failed.append((item.name, f"{e.reason}: {e.detail}"))
+        except OSError as e:
+            failed.append((item.name, e.strerror or str(e)))
+        else:
+            if tuple(image.shape[1:]) != (size, size):
+                image = resize_float(image[None], size, "bicubic", center_crop=True).round().to(torch.uint8)[0]
+            pixels.append(image)
+            kept.append(i)
+        if advance is not None:
+            advance(1)
+    empty = torch.empty(0, 3, size, size, dtype=torch.uint8)
+    return (torch.stack(pixels) if pixels else empty), kept, failed
