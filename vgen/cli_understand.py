@@ -22,7 +22,37 @@ ClipOption = Annotated[str, typer.Option("--clip", help="The CLIP: run:PATH (a v
 ArchOption = Annotated[Optional[str], typer.Option(help="open_clip architecture of a tag or .safetensors source "
                                                    "\\[default: ViT-B-32]; run:/local-dir: sources carry their own.")]
 DeviceOption = Annotated[str, typer.Option(help="auto | cpu | cuda.")]
+DatasetArgument = Annotated[Path, typer.Argument(help="A dataset dir (vgen preprocess).")]
 SHOWN = 20  # images listed on the terminal; --json has them all
+
+
+def _emit(rows: list[tuple[dict, str]], summary: dict, failed: list[tuple[str, str]], json_output: bool) -> None:
+    """Per image read, a JSON line (with --json, then one with the summary) and a terminal line
+    (the first SHOWN); then the images that could not be read."""
+    import json
+
+    from vgen.ui import say
+
+    if json_output:
+        for row, _ in rows:
+            print(json.dumps(row, ensure_ascii=False))
+        print(json.dumps({"summary": summary}, ensure_ascii=False))
+    for _, line in rows[:SHOWN]:
+        say(line)
+    if len(rows) > SHOWN:
+        say(f"... and {len(rows) - SHOWN} more (--json lists every image)")
+    for name, why in failed:
+        say(f"skipped {name}: {why}", style="yellow")
+
+
+def _unreadable(failed: list[tuple[str, str]]) -> list[dict]:
+    return [{"image": name, "reason": why} for name, why in failed]
+
+
+def _nothing_read(total: int, failed: list[tuple[str, str]]) -> VgenError:
+    from vgen.ui import printable
+
+    return VgenError(f"none of the {total} images could be read (first: {printable(failed[0][0])}: {failed[0][1]})")
 
 
 def _check_clip(source: str) -> None:
@@ -63,9 +93,8 @@ def classify(
       vgen classify photos/ --clip run:demo/text-encoder --labels "a cat,a dog,an apple" --json
       vgen classify demo/dataset --clip run:demo/text-encoder --labels-file labels.txt   # val split, with accuracy
     """
-    import json
 
-    from vgen.ui import printable, progress_bar, say
+    from vgen.ui import progress_bar, say
     from vgen.understand.classify import ZeroShotClassifier, accuracy, parse_labels, template_set
     from vgen.understand.inputs import collect_images, embed_images
 
@@ -79,24 +108,17 @@ def classify(
         features, kept, failed = embed_images(model, items, batch_size, advance)
     predictions = classifier.top(features, top_k)
     score = accuracy(predictions, [items[i].captions for i in kept], names)
-    summary = {"images": len(kept), "unreadable": [{"image": name, "reason": why} for name, why in failed],
-               "labels": len(names), "templates": len(templates), "clip": model.id, "accuracy": score}
-    if json_output:
-        for i, predicted in zip(kept, predictions):
-            print(json.dumps({"image": items[i].name, "top": [{"label": label, "p": round(p, 6)} for label, p in predicted]},
-                             ensure_ascii=False))
-        print(json.dumps({"summary": summary}, ensure_ascii=False))
-    for i, predicted in list(zip(kept, predictions))[:SHOWN]:
-        say(f"{items[i].name}: " + ", ".join(f"{label} {p:.2f}" for label, p in predicted[:3]))
-    if len(kept) > SHOWN:
-        say(f"... and {len(kept) - SHOWN} more (--json lists every image)")
-    for name, why in failed:
-        say(f"skipped {name}: {why}", style="yellow")
+    summary = {"images": len(kept), "unreadable": _unreadable(failed), "labels": len(names),
+               "templates": len(templates), "clip": model.id, "accuracy": score}
+    rows = [({"image": items[i].name, "top": [{"label": label, "p": round(p, 6)} for label, p in predicted]},
+             f"{items[i].name}: " + ", ".join(f"{label} {p:.2f}" for label, p in predicted[:3]))
+            for i, predicted in zip(kept, predictions)]
+    _emit(rows, summary, failed, json_output)
     if score["n"]:
         say(f"accuracy over the {score['n']} images whose caption is one of the labels: "
             + ", ".join(f"{k} {v:.3f}" for k, v in score.items() if k != "n"), style="green")
     if not kept:
-        raise VgenError(f"none of the {len(items)} images could be read (first: {printable(failed[0][0])}: {failed[0][1]})")
+        raise _nothing_read(len(items), failed)
 
 
 def caption(
@@ -123,10 +145,9 @@ def caption(
       vgen caption photos/ --run demo/captioner --write-sidecars
       vgen caption demo/dataset --run demo/captioner --decoder beam --json | tail -1
     """
-    import json
 
     from vgen.atomic import atomic_write_text
-    from vgen.ui import printable, progress_bar, say
+    from vgen.ui import progress_bar, say
     from vgen.understand.caption_metrics import caption_scores
     from vgen.understand.captioning import RunCaptioner
     from vgen.understand.inputs import collect_images, is_dataset_dir, load_images
@@ -155,34 +176,24 @@ def caption(
             atomic_write_text(path, text + "\n")
             sidecars["written"] += 1
     scores = caption_scores(written, [items[i].captions for i in kept])
-    summary = {"images": len(kept), "unreadable": [{"image": n, "reason": why} for n, why in failed],
-               "run": str(run), "step": captioner.loaded.step, "decoder": captioner.settings.decoder, "scores": scores,
+    summary = {"images": len(kept), "unreadable": _unreadable(failed), "run": str(run),
+               "step": captioner.loaded.step, "decoder": captioner.settings.decoder, "scores": scores,
                **({"sidecars": sidecars} if write_sidecars else {})}
-    if json_output:
-        for i, text in zip(kept, written):
-            row = {"image": items[i].name, "caption": text}
-            if items[i].captions:
-                row["true"] = list(items[i].captions)
-            print(json.dumps(row, ensure_ascii=False))
-        print(json.dumps({"summary": summary}, ensure_ascii=False))
-    for i, text in list(zip(kept, written))[:SHOWN]:
-        say(f"{items[i].name}: {text}")
-    if len(kept) > SHOWN:
-        say(f"... and {len(kept) - SHOWN} more (--json lists every image)")
-    for name, why in failed:
-        say(f"skipped {name}: {why}", style="yellow")
+    rows = [({"image": items[i].name, "caption": text, **({"true": list(items[i].captions)} if items[i].captions else {})},
+             f"{items[i].name}: {text}") for i, text in zip(kept, written)]
+    _emit(rows, summary, failed, json_output)
     for path in sidecars["kept"]:
         say(f"kept the existing caption {path} (--overwrite replaces it)", style="yellow")
     if scores["n"]:
         say(f"against the true captions of {scores['n']} images: "
             + ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if k != "n"), style="green")
     if not kept:
-        raise VgenError(f"none of the {len(items)} images could be read (first: {printable(failed[0][0])}: {failed[0][1]})")
+        raise _nothing_read(len(items), failed)
 
 
 @search_app.command("index")
 def search_index(
-    dataset: Annotated[Path, typer.Argument(help="A dataset dir (vgen preprocess).")],
+    dataset: DatasetArgument,
     clip: ClipOption = ...,
     split: Annotated[str, typer.Option(help="train, val or all.")] = "all",
     arch: ArchOption = None,
@@ -210,7 +221,7 @@ def search_index(
 
 @search_app.command("query")
 def search_query(
-    dataset: Annotated[Path, typer.Argument(help="A dataset dir (vgen preprocess).")],
+    dataset: DatasetArgument,
     text: Annotated[Optional[str], typer.Argument(help="What to look for, e.g. 'a cat above a dog'.", show_default=False)] = None,
     image: Annotated[Optional[Path], typer.Option(help="Look for images like this one instead of a text.")] = None,
     clip: ClipOption = ...,
@@ -264,7 +275,7 @@ def search_query(
 
 @search_app.command("eval")
 def search_eval(
-    dataset: Annotated[Path, typer.Argument(help="A dataset dir (vgen preprocess).")],
+    dataset: DatasetArgument,
     clip: ClipOption = ...,
     split: Annotated[str, typer.Option(help="train, val or all.")] = "val",
     arch: ArchOption = None,

@@ -16,32 +16,13 @@ def _finished(tokens: torch.Tensor) -> torch.Tensor:
     return (tokens == END).any(dim=1)
 
 
-@torch.no_grad()
-def greedy(network, context: ImageContext, max_tokens: int) -> torch.Tensor:
-    """The most probable byte at every step: tokens [B, <= max_tokens] (END-terminated rows)."""
+def _write(network, context: ImageContext, max_tokens: int, choose) -> torch.Tensor:
+    """One byte a step, `choose(logits [B, VOCAB]) -> tokens [B]`, until every row has written END
+    (a finished row keeps writing END) or max_tokens: tokens [B, <= max_tokens]."""
     logits, state = network.start_decoding(context)
     written = []
     for _ in range(max_tokens):
-        token = logits.float().argmax(dim=-1)
-        if written:  # a finished row keeps writing END
-            token = torch.where(_finished(torch.stack(written, 1)), torch.full_like(token, END), token)
-        written.append(token)
-        if _finished(torch.stack(written, 1)).all():
-            break
-        logits = network.next_logits(token, state)
-    return torch.stack(written, 1)
-
-
-@torch.no_grad()
-def sample(network, context: ImageContext, max_tokens: int, seeds: list[int], temperature: float) -> torch.Tensor:
-    """Bytes drawn from softmax(logits / temperature), image i's from a generator seeded by seeds[i]."""
-    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    logits, state = network.start_decoding(context)
-    written = []
-    for _ in range(max_tokens):
-        probabilities = (logits.float() / temperature).softmax(dim=-1).cpu()
-        token = torch.stack([torch.multinomial(p, 1, generator=g)[0] for p, g in zip(probabilities, generators)])
-        token = token.to(logits.device)
+        token = choose(logits.float())
         if written:
             token = torch.where(_finished(torch.stack(written, 1)), torch.full_like(token, END), token)
         written.append(token)
@@ -49,6 +30,25 @@ def sample(network, context: ImageContext, max_tokens: int, seeds: list[int], te
             break
         logits = network.next_logits(token, state)
     return torch.stack(written, 1)
+
+
+@torch.no_grad()
+def greedy(network, context: ImageContext, max_tokens: int) -> torch.Tensor:
+    """The most probable byte at every step: tokens [B, <= max_tokens] (END-terminated rows)."""
+    return _write(network, context, max_tokens, lambda logits: logits.argmax(dim=-1))
+
+
+@torch.no_grad()
+def sample(network, context: ImageContext, max_tokens: int, seeds: list[int], temperature: float) -> torch.Tensor:
+    """Bytes drawn from softmax(logits / temperature), image i's from a generator seeded by seeds[i]."""
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def choose(logits: torch.Tensor) -> torch.Tensor:
+        probabilities = (logits / temperature).softmax(dim=-1).cpu()
+        drawn = [torch.multinomial(p, 1, generator=g)[0] for p, g in zip(probabilities, generators)]
+        return torch.stack(drawn).to(logits.device)
+
+    return _write(network, context, max_tokens, choose)
 
 
 @torch.no_grad()

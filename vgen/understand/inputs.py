@@ -4,7 +4,7 @@ rows of a split of a vgen dataset (which also carry their captions, so accuracy 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +80,22 @@ def collect_images(paths: Sequence[Path], split: str = "val") -> list[InputImage
     return images
 
 
+def _readable(images: Sequence[InputImage], failed: list[tuple[str, str]],
+              advance: Callable[[int], None] | None) -> Iterator[tuple[int, torch.Tensor]]:
+    """(index, uint8 pixels) of each image that can be read; (name, reason) of the others into `failed`."""
+    for i, item in enumerate(images):
+        try:
+            pixels = item.load()
+        except ImageRejected as e:
+            failed.append((item.name, f"{e.reason}: {e.detail}"))
+        except OSError as e:
+            failed.append((item.name, e.strerror or str(e)))
+        else:
+            yield i, pixels
+        if advance is not None:
+            advance(1)
+
+
 def embed_images(clip, images: Sequence[InputImage], batch_size: int = 64,
                  advance: Callable[[int], None] | None = None) -> tuple[torch.Tensor, list[int], list[tuple[str, str]]]:
     """CLIP embeddings of the images that can be read: (features [n, D], the indices of `images`
@@ -92,23 +108,13 @@ def embed_images(clip, images: Sequence[InputImage], batch_size: int = 64,
             features.append(clip.encode_prepared(torch.cat(batch)).cpu())
             batch.clear()
 
-    for i, item in enumerate(images):
-        try:
-            pixels = item.load()
-        except ImageRejected as e:
-            failed.append((item.name, f"{e.reason}: {e.detail}"))
-        except OSError as e:
-            failed.append((item.name, e.strerror or str(e)))
-        else:
-            batch.append(clip.prepare(pixels[None]))
-            kept.append(i)
-            if len(batch) == batch_size:
-                flush()
-        if advance is not None:
-            advance(1)
+    for i, pixels in _readable(images, failed, advance):
+        batch.append(clip.prepare(pixels[None]))
+        kept.append(i)
+        if len(batch) == batch_size:
+            flush()
     flush()
-    width = clip.num_features
-    return (torch.cat(features) if features else torch.empty(0, width)), kept, failed
+    return (torch.cat(features) if features else torch.empty(0, clip.num_features)), kept, failed
 
 
 def load_images(images: Sequence[InputImage], size: int,
@@ -119,19 +125,10 @@ def load_images(images: Sequence[InputImage], size: int,
     from vgen.evaluate.features import resize_float
 
     pixels, kept, failed = [], [], []
-    for i, item in enumerate(images):
-        try:
-            image = item.load()
-        except ImageRejected as e:
-            failed.append((item.name, f"{e.reason}: {e.detail}"))
-        except OSError as e:
-            failed.append((item.name, e.strerror or str(e)))
-        else:
-            if tuple(image.shape[1:]) != (size, size):
-                image = resize_float(image[None], size, "bicubic", center_crop=True).round().to(torch.uint8)[0]
-            pixels.append(image)
-            kept.append(i)
-        if advance is not None:
-            advance(1)
+    for i, image in _readable(images, failed, advance):
+        if tuple(image.shape[1:]) != (size, size):
+            image = resize_float(image[None], size, "bicubic", center_crop=True).round().to(torch.uint8)[0]
+        pixels.append(image)
+        kept.append(i)
     empty = torch.empty(0, 3, size, size, dtype=torch.uint8)
     return (torch.stack(pixels) if pixels else empty), kept, failed
