@@ -223,3 +223,34 @@ def test_caption_refuses_what_it_cannot_use(vgen_cli, tmp_path):
     for args, message in cases:
         result = vgen_cli(*args)
         assert result.exit_code == 2 and message in result.stderr, (args, result.stderr)
+
+
+@pytest.mark.slow
+def test_evaluate_reports_how_often_the_captioner_reads_the_prompt(trained, vgen_cli, tmp_path):
+    """caption-agreement: the captioner reads each image of a generation dir; its caption is
+    compared with the image's prompt (here: squares, half of them under a wrong colour's prompt)."""
+    from vgen.manifest import write_manifest
+
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    rows, names = [], list(COLOURS)
+    for i, name in enumerate(names):
+        image = np.full((16, 16, 3), 255, np.uint8)
+        image[3:13, 3:13] = COLOURS[name]
+        Image.fromarray(image).save(gen / f"{i}.png")
+        prompt = name if i % 2 == 0 else names[(i + 1) % len(names)] + " <b>"
+        rows.append({"file": f"{i}.png", "prompt": prompt})
+    write_manifest(gen / "generation.yaml", "generation", {"images": rows})
+    out = tmp_path / "eval"
+    result = vgen_cli("evaluate", gen, "--data", trained["data"], "--out", out, "--metrics", "caption-agreement",
+                      "--captioner", trained["run"], "--json")
+    assert result.exit_code == 0, result.stderr
+    metric = yaml.safe_load((out / "evaluation.yaml").read_text())["metrics"]["caption-agreement"]
+    assert metric["n"] == 6 and metric["value"]["exact_match"] == pytest.approx(0.5, abs=0.17)
+    report = (out / "report.html").read_text()
+    assert "Caption agreement" in report and "&lt;b&gt;" in report and " <b>" not in report
+    missing = vgen_cli("evaluate", gen, "--data", trained["data"], "--out", tmp_path / "e2", "--metrics",
+                       "caption-agreement", "--json")
+    assert missing.exit_code == 0
+    assert "--captioner" in yaml.safe_load((tmp_path / "e2" / "evaluation.yaml").read_text())["metrics"][
+        "caption-agreement"]["unavailable"]

@@ -264,8 +264,9 @@ def evaluate(
     run: Annotated[Optional[Path], typer.Option("--run", "-r", help="A generator run (any family) to evaluate on --benchmark (generates the images itself).")] = None,
     codec: Annotated[Optional[str], typer.Option(help="A codec to evaluate on the val split instead (run:VAE_RUN, diffusers:DIR): PSNR, SSIM, rFID of its reconstructions.")] = None,
     benchmark: Annotated[Optional[str], typer.Option(help="With --run: the benchmark whose prompts to generate (emoji-scenes).")] = None,
-    metrics: Annotated[Optional[str], typer.Option(help="Comma-separated: fid,kid,precision-recall,fd-clip,kid-clip,clip-score,compositional,memorization \\[default: all].")] = None,
+    metrics: Annotated[Optional[str], typer.Option(help="Comma-separated: fid,kid,precision-recall,fd-clip,kid-clip,clip-score,compositional,caption-agreement,memorization \\[default: all].")] = None,
     clip: Annotated[Optional[str], typer.Option(help="CLIP for FD/KID[clip] and CLIP score: run:PATH, local-dir:PATH, ... \\[default: the generator's text encoder].")] = None,
+    captioner: Annotated[Optional[Path], typer.Option(help="A captioner run for caption-agreement: it captions the generated images, compared with their prompts.")] = None,
     fid_images: Annotated[int, typer.Option(help="With --run: images generated for FID/KID (prompts: the val split's captions).")] = 2000,
     per_relation: Annotated[int, typer.Option(help="With --run: benchmark prompts per relation (training and held-out pairs).")] = 20,
     per_prompt: Annotated[int, typer.Option(help="With --run: images (seeds) per benchmark prompt.")] = 2,
@@ -313,7 +314,7 @@ def evaluate(
     if batch_size < 1:
         raise UsageError(f"--batch-size: expected at least 1, got {batch_size}")
     options = EvalOptions(metrics=parse_metrics(metrics), clip=clip, feature_precision=feature_precision,
-                          device=device)
+                          device=device, captioner=None if captioner is None else str(captioner))
 
     def log(message: str) -> None:
         say(message)

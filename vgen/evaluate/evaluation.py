@@ -41,7 +41,7 @@ REPORT_FILE = "report.html"
 # Metric names as --metrics takes them, in report order.
 INCEPTION_METRICS = ("fid", "kid", "precision-recall")
 CLIP_METRICS = ("fd-clip", "kid-clip", "clip-score")
-METRICS = (*INCEPTION_METRICS, *CLIP_METRICS, "compositional", "memorization")
+METRICS = (*INCEPTION_METRICS, *CLIP_METRICS, "compositional", "caption-agreement", "memorization")
 
 Log = Callable[[str], None]
 ProgressFactory = Callable[[str, int], Any]  # (description, total) -> context manager yielding advance(n)
@@ -66,6 +66,7 @@ def parse_metrics(text: str | Sequence[str] | None) -> tuple[str, ...]:
 class EvalOptions:
     metrics: tuple[str, ...] = METRICS
     clip: str | None = None  # CLIP for the CLIP-space metrics; default: the generator's text encoder
+    captioner: str | None = None  # a captioner run for caption-agreement (vgen.evaluate.caption_agreement)
     feature_precision: str = "fp32"  # of the Inception network: fp32 (the standard) or bf16
     device: str = "auto"
     batch_size: int = 25  # images per feature-extractor batch (on CPU faster than 100: bench/RESULTS.md)
@@ -333,6 +334,7 @@ def evaluate_sets(fid_set: ImageSet, judged_set: ImageSet, data_dir: Path, clip_
     """All metrics of options.metrics: distribution metrics on `fid_set`, compositional accuracy on
     `judged_set` (may be the same set). Returns (metrics, verdict rows, seconds per metric group)."""
     from vgen.data.dataset import load_dataset_manifest
+    from vgen.evaluate.caption_agreement import caption_agreement_metrics
 
     load_dataset_manifest(data_dir)  # a clear error for a wrong --data before any work
     results: dict[str, dict] = {}
@@ -341,6 +343,7 @@ def evaluate_sets(fid_set: ImageSet, judged_set: ImageSet, data_dir: Path, clip_
     groups = (("inception", lambda: inception_metrics(fid_set, data_dir, options, progress, log)),
               ("clip", lambda: clip_metrics(fid_set, data_dir, clip_source, options, progress, log)),
               ("compositional", lambda: compositional_metrics(judged_set, options, log)),
+              ("caption-agreement", lambda: caption_agreement_metrics(judged_set, options, log)),
               ("memorization", lambda: memorization_metrics(fid_set, data_dir, options, progress, log)))
     for name, run in groups:
         start = time.perf_counter()

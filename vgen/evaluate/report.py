@@ -293,6 +293,17 @@ def memorization_section(result: dict | None, images: ImageSet | None) -> str:
             f'<div class=grid style="gap:0">{"".join(pairs)}</div>')
 
 
+def caption_agreement_section(result: dict) -> str:
+    """What the captioner wrote for some of the images, beside their prompts."""
+    rows = ["<tr><th>image</th><th>prompt</th><th>the captioner's caption</th></tr>"]
+    for example in result.get("examples") or []:
+        rows.append(f"<tr><td><code>{_e(example['file'])}</code></td><td>{_e(example['prompt'])}</td>"
+                    f"<td>{_e(example['caption'])}</td></tr>")
+    return (f"<p>The captioner <code>{_e(result.get('extractor_id'))}</code> read the {_e(result.get('n'))} images of "
+            f"set {_e(result.get('set'))}: its caption is the prompt in {_fmt2(result.get('exact_match'))} of them "
+            f"and says the same scene in {_fmt2(result.get('same_scene'))}.</p><table>{''.join(rows)}</table>")
+
+
 def render_report(manifest: dict, sets: dict[str, ImageSet], verdicts: list[dict], run_dir: Path | None) -> str:
     metrics = manifest.get("metrics") or {}
     judged = sets.get("benchmark") or next(iter(sets.values()), None)
@@ -313,6 +324,9 @@ def render_report(manifest: dict, sets: dict[str, ImageSet], verdicts: list[dict
                      + "</ul>")
     if "compositional" in metrics:
         parts += ["<h2>Compositional accuracy</h2>", compositional_section(metrics["compositional"])]
+    agreement = metrics.get("caption-agreement") or {}
+    if agreement and "unavailable" not in agreement:
+        parts += ["<h2>Caption agreement</h2>", caption_agreement_section(agreement)]
     plots = by_step_plot(manifest.get("by_step") or []) + loss_plot(run_dir)
     if plots:
         parts += ["<h2>Training</h2>", plots]
