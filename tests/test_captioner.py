@@ -82,7 +82,7 @@ class _Chain:
                 out[i, END] = 0.0
         return out
 
-    def start_decoding(self, context):
+    def start_decoding(self, context, use_cache=True):
         state = {"last": torch.full((context.tokens.shape[0],), -1), "keys": None, "text": None,
                  "text_mask": None, "x": None, "caches": None}
         return self._logits(state["last"]), state
@@ -102,6 +102,21 @@ def test_beam_search_finds_the_likelier_caption_greedy_misses():
     assert [tokens_caption(r) for r in greedy.tolist()] == ["a" + chr(100)] * 3
     beam = caption_decoding.beam_search(_Chain(), context, 8, beams=3)
     assert [tokens_caption(r) for r in beam.tolist()] == ["b"] * 3
+
+
+def test_beam_search_with_and_without_the_cache_agree_on_a_real_decoder():
+    """Beams are reordered every step: the cached keys and values must follow them (reorder)."""
+    from vgen.models.ar import ArNetworkConfig, TokenTransformer
+
+    torch.manual_seed(1)
+    net = TokenTransformer(ArNetworkConfig(width=32, depth=2, heads=2, conditioning="cross"), VOCAB, 0, 16, sequence=9)
+    with torch.no_grad():
+        net.head.weight.mul_(5)
+    context = ImageContext(torch.randn(3, 4, 16), torch.ones(3, 4, dtype=torch.bool), torch.zeros(3, 16))
+    cached = caption_decoding.beam_search(net, context, 8, beams=3)
+    plain = caption_decoding.beam_search(net, context, 8, beams=3, use_cache=False)
+    assert torch.equal(cached, plain)
+    assert cached.shape == (3, 9)
 
 
 def test_beam_of_one_is_greedy_on_a_real_decoder():
@@ -162,10 +177,13 @@ def test_caption_sidecars_and_batch_invariance(trained, vgen_cli, tmp_path):
         image[6:26, 6:26] = rgb
         Image.fromarray(image).save(folder / f"{name}.png")
     (folder / "red.txt").write_text("mine\n")
+    Image.open(folder / "blue.png").save(folder / "blue.jpg")  # blue.jpg writes blue.txt first
     result = vgen_cli("caption", folder, "--run", trained["run"], "--write-sidecars", "--json")
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout.splitlines()[-1])["summary"]
     assert summary["sidecars"]["written"] == 5 and summary["sidecars"]["kept"] == [str(folder / "red.txt")]
+    assert summary["sidecars"]["refused"] == [{"sidecar": str(folder / "blue.txt"),
+                                               "reason": "another image of the same name already has it"}]
     assert (folder / "red.txt").read_text() == "mine\n" and "--overwrite" in result.stderr
     written = {p.stem: p.read_text().strip() for p in folder.glob("*.txt")}
     assert sum(written[name] == name for name in COLOURS if name != "red") >= 4, (written, result.stderr)
@@ -249,8 +267,31 @@ def test_evaluate_reports_how_often_the_captioner_reads_the_prompt(trained, vgen
     assert metric["n"] == 6 and metric["value"]["exact_match"] == pytest.approx(0.5, abs=0.17)
     report = (out / "report.html").read_text()
     assert "Caption agreement" in report and "&lt;b&gt;" in report and " <b>" not in report
+    wrong = vgen_cli("evaluate", gen, "--data", trained["data"], "--out", tmp_path / "e3", "--metrics",
+                     "caption-agreement", "--captioner", tmp_path / "no-run")
+    assert wrong.exit_code == 2 and "no-run" in wrong.stderr and not (tmp_path / "e3").exists()
     missing = vgen_cli("evaluate", gen, "--data", trained["data"], "--out", tmp_path / "e2", "--metrics",
                        "caption-agreement", "--json")
     assert missing.exit_code == 0
     assert "--captioner" in yaml.safe_load((tmp_path / "e2" / "evaluation.yaml").read_text())["metrics"][
         "caption-agreement"]["unavailable"]
+
+
+def test_a_frozen_tower_is_on_the_device_and_not_in_the_weights(tmp_path):
+    from vgen.families import build_family
+    from vgen.families.config import train_config_from_dict
+
+    cfg = train_config_from_dict({"kind": "captioner", "captioner": {
+        "image_encoder": {"source": f"local-dir:{tiny_text_encoder(tmp_path)}", "mode": "frozen"},
+        "network": {"width": 32, "depth": 1, "heads": 2, "conditioning": "cross"}, "max_bytes": 8}})
+    family = build_family(cfg, 16, torch.device("cpu"))
+    model = family.model
+    assert not any(k.startswith(("tower.", "_frozen_tower.")) for k in model.state_dict())
+    assert {p.device for p in model.image_tower.parameters()} == {torch.device("cpu")}
+    inputs, targets = batch_tokens(["red", "blue"], 8)
+    logits = model(torch.zeros(2, 3, 16, 16, dtype=torch.uint8), inputs)
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE).backward()
+    assert all(p.grad is None for p in model.image_tower.parameters())
+    assert all(p.grad is not None for p in model.network.parameters() if p.requires_grad)
+    with pytest.raises(Exception, match="text_lexical"):
+        train_config_from_dict({"kind": "captioner", "captioner": {"network": {"text_lexical": True}}})

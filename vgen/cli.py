@@ -319,6 +319,10 @@ def evaluate(
     def log(message: str) -> None:
         say(message)
 
+    if captioner is not None:  # a wrong run is a usage error now, not an unavailable metric after generating
+        from vgen.understand.captioning import RunCaptioner
+
+        RunCaptioner(captioner, device=device)
     if codec is not None:
         from vgen.evaluate.reconstruction import evaluate_codec
 

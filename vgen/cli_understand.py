@@ -7,6 +7,7 @@ stdout; torch is imported only when a command runs (`vgen --help` stays fast).
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -150,7 +151,7 @@ def caption(
     from vgen.ui import progress_bar, say
     from vgen.understand.caption_metrics import caption_scores
     from vgen.understand.captioning import RunCaptioner
-    from vgen.understand.inputs import collect_images, is_dataset_dir, load_images
+    from vgen.understand.inputs import collect_images, is_dataset_dir, load_images, sidecar_refusal
 
     if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
         raise UsageError(f"--temperature: expected a finite number above 0, got {temperature}")
@@ -166,15 +167,20 @@ def caption(
             chunk = pixels[start:start + 64]
             written += captioner(chunk, [seed + kept[i] for i in range(start, start + len(chunk))])
             advance(len(chunk))
-    sidecars = {"written": 0, "kept": []}
+    sidecars = {"written": 0, "kept": [], "refused": []}
     if write_sidecars:
+        claimed: set[Path] = set()
         for i, text in zip(kept, written):
             path = Path(items[i].name).with_suffix(".txt")
-            if path.exists() and not overwrite:
+            why = sidecar_refusal(items[i], path, claimed)
+            if why:
+                sidecars["refused"].append({"sidecar": str(path), "reason": why})
+            elif os.path.lexists(path) and not overwrite:
                 sidecars["kept"].append(str(path))
-                continue
-            atomic_write_text(path, text + "\n")
-            sidecars["written"] += 1
+            else:
+                atomic_write_text(path, text + "\n")
+                sidecars["written"] += 1
+            claimed.add(path)
     scores = caption_scores(written, [items[i].captions for i in kept])
     summary = {"images": len(kept), "unreadable": _unreadable(failed), "run": str(run),
                "step": captioner.loaded.step, "decoder": captioner.settings.decoder, "scores": scores,
@@ -184,6 +190,8 @@ def caption(
     _emit(rows, summary, failed, json_output)
     for path in sidecars["kept"]:
         say(f"kept the existing caption {path} (--overwrite replaces it)", style="yellow")
+    for refused in sidecars["refused"]:
+        say(f"wrote no caption to {refused['sidecar']}: {refused['reason']}", style="yellow")
     if scores["n"]:
         say(f"against the true captions of {scores['n']} images: "
             + ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if k != "n"), style="green")

@@ -33,7 +33,8 @@ def caption_agreement_metrics(images, options, log: Callable[[str], None]) -> di
     log(f"caption agreement: {len(images.images)} images of set {images.name} captioned by {options.captioner}")
     captions = []
     for start in range(0, len(images.images), 256):
-        captions += captioner(images.images[start:start + 256])
+        chunk = images.images[start:start + 256]
+        captions += captioner(chunk, list(range(start, start + len(chunk))))
     scores = caption_scores(captions, [[p] for p in images.prompts])
     value = {k: scores[k] for k in ("exact_match", "same_scene") if k in scores}
     return {METRIC: {

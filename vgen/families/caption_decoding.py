@@ -52,14 +52,15 @@ def sample(network, context: ImageContext, max_tokens: int, seeds: list[int], te
 
 
 @torch.no_grad()
-def beam_search(network, context: ImageContext, max_tokens: int, beams: int) -> torch.Tensor:
-    """Beam search (Graves 2012; as in captioning since Vinyals et al. 2015): keep the `beams` best
-    partial captions of each image by summed log-probability; a caption that writes END is set
-    aside; the answer is the finished caption of highest mean log-probability per token (a length
-    normalisation, so that short captions are not favoured merely for being short)."""
+def beam_search(network, context: ImageContext, max_tokens: int, beams: int, use_cache: bool = True) -> torch.Tensor:
+    """Beam search (as in captioning since Vinyals et al. 2015): keep the `beams` best unfinished
+    captions of each image by summed log-probability; one that writes END is set aside. The answer
+    is the finished caption of highest mean log-probability per token (END included: a length
+    normalisation, so that short captions are not favoured merely for being short); an image with
+    no finished caption after max_tokens gets its best unfinished one."""
     B = context.tokens.shape[0]
     expanded = ImageContext(*(t.repeat_interleave(beams, dim=0) if torch.is_tensor(t) else t for t in context))
-    logits, state = network.start_decoding(expanded)
+    logits, state = network.start_decoding(expanded, use_cache=use_cache)
     device = logits.device
     scores = torch.zeros(B, beams, device=device)
     scores[:, 1:] = float("-inf")  # every beam starts equal: only the first one expands at step 0
@@ -79,13 +80,12 @@ def beam_search(network, context: ImageContext, max_tokens: int, beams: int) -> 
                 score, src, tok = top[b, j].item(), int(source[b, j]), int(token[b, j])
                 if score == float("-inf"):
                     break
-                if tok == END or step == max_tokens - 1:
-                    caption = history[b, src].tolist() + ([] if tok == END else [tok])
+                if tok == END:
+                    caption = history[b, src].tolist()
                     normalised = score / (len(caption) + 1)
                     if best[b] is None or normalised > best[b][0]:
                         best[b] = (normalised, caption)
-                    continue
-                if kept < beams:
+                elif kept < beams:  # in order of score: beam 0 is the best unfinished one
                     new_scores[b, kept], rows[b, kept], tokens[b, kept] = score, src, tok
                     kept += 1
         if torch.isinf(new_scores).all():  # every beam of every image has ended
@@ -94,6 +94,8 @@ def beam_search(network, context: ImageContext, max_tokens: int, beams: int) -> 
         network.reorder(state, flat_rows)
         history = torch.cat([history.view(B * beams, -1)[flat_rows].view(B, beams, -1), tokens[:, :, None]], dim=2)
         scores = new_scores
+        if step == max_tokens - 1:
+            break
         logits = network.next_logits(tokens.flatten(), state)
     out = torch.full((B, max_tokens + 1), END, dtype=torch.long)
     for b, found in enumerate(best):

@@ -60,6 +60,9 @@ class CaptionerConfig:
 
     def __post_init__(self) -> None:
         check_bounds(self)
+        if self.network.text_lexical:
+            raise ValueError("network.text_lexical: the captioner's context is image tokens, which have no input "
+                             "embeddings; set it false")
         if self.sample_decoder not in DECODERS:
             raise ValueError(f"sample_decoder: expected one of {', '.join(DECODERS)}, got {self.sample_decoder!r}")
 
@@ -99,7 +102,8 @@ class CaptionerFamily(Family):
                                preprocess.get("std", open_clip.OPENAI_DATASET_STD), enc.block)
         except ValueError as e:
             raise ConfigError(f"captioner.{e}") from None
-        self.image_encoder_id = loaded.id
+        tower = tower.to(device)  # a frozen tower is held outside the module tree: .to() below would miss it
+        self.image_encoder_id, self.resolution = loaded.id, resolution
         network = TokenTransformer(cfg.captioner.network, VOCAB, 0, tower.width, sequence=cfg.captioner.max_bytes + 1)
         try:
             self.model = Captioner(network, tower, enc.mode == "full", cfg.captioner.context_positions).to(device)

@@ -3,7 +3,7 @@ grammar is known) the accuracy of each slot (the relation, the first and the sec
 of the scene: a written caption true of the scene the true one describes, however said ("a dog
 below a cat" for "a cat above a dog"; "a cat to the left of a dog" for "a dog and a cat", which
 does not say which stands where). Emoji scenes say one layout several ways (bench/RESULTS.md):
-exact match cannot pass 0.55 on them, whatever the model.
+exact match on them is about 0.55 at best, in expectation, whatever the model.
 """
 
 from __future__ import annotations

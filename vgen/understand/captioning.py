@@ -29,14 +29,17 @@ class RunCaptioner:
 
     @property
     def input_size(self) -> int:
-        return self.loaded.model.image_tower.input_size
+        """The size it was trained on (the dataset's resolution): other images are brought to it
+        first, then through the tower's own resize, as in training."""
+        return self.loaded.family.resolution or self.loaded.model.image_tower.input_size
 
-    def __call__(self, images: torch.Tensor, seeds: list[int] | None = None) -> list[str]:
+    def __call__(self, images: torch.Tensor, seeds: list[int]) -> list[str]:
+        """Captions of `images`; image i's randomness (when sampling) from seeds[i], so that a caption
+        never depends on the batch the image came in."""
         from vgen.evaluate.features import resize_float
 
         if images.shape[-1] != self.input_size or images.shape[-2] != self.input_size:
             images = resize_float(images, self.input_size, "bicubic", center_crop=True).round().to(torch.uint8)
-        seeds = list(range(len(images))) if seeds is None else seeds
         return self.loaded.family.caption(self.loaded.model, images, self.settings, seeds)
 
     def describe(self) -> dict:

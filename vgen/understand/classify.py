@@ -18,7 +18,7 @@ from vgen.errors import UsageError
 
 LOGIT_SCALE = 100.0
 # The label as it is: right for a CLIP trained on captions of the user's own form ("a cat"); a web
-# CLIP does better with open_clip's ImageNet ensemble (--templates imagenet) or its own templates.
+# CLIP does better with open_clip's ImageNet ensemble (--template imagenet) or its own templates.
 DEFAULT_TEMPLATES = ("{}",)
 
 

@@ -24,6 +24,7 @@ class InputImage:
     name: str
     load: Callable[[], torch.Tensor]  # -> uint8 3 x H x W; raises ImageRejected or OSError
     captions: tuple[str, ...] = ()
+    folder: Path | None = None  # the folder argument it was found in (None: named itself, or a dataset row)
 
 
 def is_dataset_dir(path: Path) -> bool:
@@ -70,7 +71,8 @@ def collect_images(paths: Sequence[Path], split: str = "val") -> list[InputImage
                 images.append(InputImage(f"{split}/{row}", (lambda d=dataset, r=row: d.image(r)),
                                          tuple(dataset.captions[row])))
         elif path.is_dir():
-            images += [InputImage(str(file), (lambda f=file: _read_file(f))) for file in _folder_images(path)]
+            images += [InputImage(str(file), (lambda f=file: _read_file(f)), folder=path)
+                       for file in _folder_images(path)]
         elif path.is_file():
             images.append(InputImage(str(path), (lambda f=path: _read_file(f))))
         else:
@@ -94,6 +96,19 @@ def _readable(images: Sequence[InputImage], failed: list[tuple[str, str]],
             yield i, pixels
         if advance is not None:
             advance(1)
+
+
+def sidecar_refusal(item: InputImage, sidecar: Path, claimed: set[Path]) -> str | None:
+    """Why `sidecar` must not be written as `item`'s caption file, or None: it is the image itself
+    (an image named x.txt), another image of this run already wrote it (a.png and a.jpg), or it
+    lies outside the folder the image was found in (reached through a symlinked folder)."""
+    if sidecar.resolve() == Path(item.name).resolve():
+        return "it is the image itself"
+    if sidecar in claimed:
+        return "another image of the same name already has it"
+    if item.folder is not None and item.folder.resolve() not in sidecar.resolve().parents:
+        return f"it lies outside {item.folder} (a symlinked folder)"
+    return None
 
 
 def embed_images(clip, images: Sequence[InputImage], batch_size: int = 64,
