@@ -216,40 +216,6 @@ def preprocess(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, options: 
         return _preprocess(raw, out, raw_dir, out_dir, options, captioner)
 
 
-CAPTION_BATCH = 64  # images a captioner is given at once
-
-
-def _with_generated_captions(outcomes: Iterable[_Outcome], captioner, resolution: int,
-                             max_bytes: int = 64 << 20) -> Iterator[_Outcome]:
-    """The outcomes in their order, those that need a caption given the captioner's, written for
-    CAPTION_BATCH of them at a time; the outcomes waiting for a batch hold at most about
-    `max_bytes` of pixels (the decoding window's budget). A sampling captioner draws each image's
-    caption from a seed of its content hash, whatever batch it is in."""
-    pending: list[_Outcome] = []
-    most = max(1, max_bytes // (3 * resolution * resolution))
-
-    def flush() -> Iterator[_Outcome]:
-        needing = [o for o in pending if o.generate_caption and o.reason is None]
-        if needing:
-            import torch
-
-            images = torch.from_numpy(np.stack([np.frombuffer(o.pixels, np.uint8).reshape(3, resolution, resolution)
-                                                for o in needing]))
-            seeds = [int.from_bytes(o.digest[:4], "big") for o in needing]
-            for o, text in zip(needing, captioner(images, seeds)):
-                o.captions = clean_captions([text])
-                if not o.captions:
-                    o.reason, o.detail = "no_caption", "no caption of its own, and the captioner wrote an empty one"
-        yield from pending
-        pending.clear()
-
-    for outcome in outcomes:
-        pending.append(outcome)
-        if sum(o.generate_caption for o in pending) >= CAPTION_BATCH or len(pending) >= most:
-            yield from flush()
-    yield from flush()
-
-
 def _preprocess(raw: Path, out: Path, raw_dir, out_dir, options: PreprocessOptions, captioner=None) -> dict:
 
     def candidates() -> Iterator[Candidate]:
@@ -279,7 +245,9 @@ def _preprocess(raw: Path, out: Path, raw_dir, out_dir, options: PreprocessOptio
         ):
             outcomes = _outcomes(candidates(), settings, options.workers, window)
             if captioner is not None:
-                outcomes = _with_generated_captions(outcomes, captioner, R)
+                from vgen.data.generated_captions import with_generated_captions
+
+                outcomes = with_generated_captions(outcomes, captioner, R)
             for outcome in outcomes:
                 advance(1)
                 if outcome.reason is None and outcome.digest in first_seen:
