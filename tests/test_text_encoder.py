@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from vgen.errors import ManifestError, MissingDependencyError, UsageError
 from vgen.manifest import sha256_file, write_manifest
 from vgen.text.encoder import TextEncoder, TextFeatures, load_text_encoder
-from vgen.text.lora import add_lora, lora_state_dict, merge_lora
+from vgen.lora import add_lora, lora_state_dict, merge_lora
 from vgen.text.sources import TextEncoderConfig, load_open_clip, save_open_clip_local_dir
 
 TINY = "vgen-test-tiny"
@@ -402,7 +402,7 @@ def test_lora_adapts_linear_and_multihead_attention_weights():
     n = add_lora(module, rank=2, alpha=4.0, targets=("attn.in_proj_weight", "attn.out_proj.weight"))
     assert n == 2 * (8 + 24) + 2 * (8 + 8)
     assert torch.equal(module["attn"](x, x, x, need_weights=False)[0], before)
-    with pytest.raises(ValueError, match="no parameter"):
+    with pytest.raises(ValueError, match="no 2-D parameter"):
         add_lora(torch.nn.Linear(2, 2), rank=1, alpha=1.0, targets=("c_fc.weight",))
 
 

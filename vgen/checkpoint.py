@@ -78,8 +78,10 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
-def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict, keep: int) -> Path:
-    """Write checkpoint `step` (tensors: file stem -> state dict) and keep only the newest `keep`."""
+def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict, keep: int,
+                    protect: tuple[int, ...] = ()) -> Path:
+    """Write checkpoint `step` (tensors: file stem -> state dict) and keep only the newest `keep`,
+    besides those of the steps in `protect` (the best one)."""
     root = run_dir / CHECKPOINT_DIR
     path = root / checkpoint_name(step)
     with atomic_directory(path, overwrite=True) as tmp:
@@ -88,8 +90,10 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, dict[str, torch
             save_file(_contiguous(sd), str(tmp / f"{stem}.safetensors"))
             files[stem] = {"file": f"{stem}.safetensors", "sha256": sha256_file(tmp / f"{stem}.safetensors")}
         write_manifest(tmp / "checkpoint.yaml", "checkpoint", {"step": step, **state, "files": files})
+    kept = {checkpoint_name(s) for s in protect}
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name not in kept:
+            shutil.rmtree(old, ignore_errors=True)
     return path
 
 

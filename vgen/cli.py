@@ -66,17 +66,25 @@ def data_emoji_scenes(
     count: Annotated[int, typer.Option("--count", "-n", min=1, help="Number of scenes.")] = 20000,
     seed: Annotated[int, typer.Option(help="Scene i is a pure function of (seed, i).")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT_DIR if it holds earlier emoji scenes.")] = False,
+    objects: Annotated[Optional[str], typer.Option("--objects", help="Comma-separated objects outside the 36 (rocket, star, robot, ghost, lemon, tomato): scenes that teach them to a trained model.")] = None,
+    objects_share: Annotated[float, typer.Option("--objects-share", parser=finite_float, help="With --objects: the share of scenes holding a new object; the rest are default scenes (replay).")] = 1.0,
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout (and nothing else there).")] = False,
 ) -> None:
     """Render emoji-scenes training images (64x64, Noto Color Emoji) with their captions.
 
-    Held-out object pairs are never rendered. Example: vgen data emoji-scenes raw --count 20000
+    Held-out object pairs are never rendered.
+
+    Examples:
+      vgen data emoji-scenes raw --count 20000
+      vgen data emoji-scenes rockets --count 600 --objects rocket --objects-share 0.5
     """
     from vgen.data.emoji_scenes import write_emoji_scenes
     from vgen.ui import progress_bar, say, warn
 
+    new = [n.strip() for n in objects.split(",") if n.strip()] if objects else []
     with progress_bar("emoji-scenes", total=count) as advance:
-        summary = write_emoji_scenes(out_dir, count, seed=seed, overwrite=overwrite, progress=advance, warn=warn)
+        summary = write_emoji_scenes(out_dir, count, seed=seed, overwrite=overwrite, progress=advance, warn=warn,
+                                     new_objects=new, new_share=objects_share)
     shares = ", ".join(f"{k} {v}" for k, v in summary["relations"].items())
     say(f"wrote {count} scenes to {out_dir} ({shares})")
     if json_output:
@@ -166,19 +174,24 @@ def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory; an existing run is resumed.")],
     overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key, e.g. --set train.steps=500 (repeatable).")] = None,
     start_over: Annotated[bool, typer.Option("--start-over", help="Train from step 0 in an existing run dir; its checkpoints are moved to RUN/set-aside-N/, not deleted.")] = False,
+    init_from: Annotated[Optional[str], typer.Option("--init-from", help="Start from an earlier run's weights: run:RUN_DIR or run:RUN_DIR@STEP (the config's init.from).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout (and nothing else there).")] = False,
 ) -> None:
-    """Train a model (kind flow: text-to-image generator; kind clip: contrastive text encoder).
+    """Train a model of any kind (flow, gan, vae, ar, clip, captioner: the config's `kind`).
 
     Running the same command again resumes from the newest valid checkpoint. Ctrl-C (or SIGTERM)
     saves a checkpoint and exits. Multi-process: torchrun --nproc_per_node N -m vgen train ...
+    Fine-tuning: --init-from run:demo/model starts from that run's weights; a config with
+    `adapter: {type: lora}` trains (and saves) only a LoRA adapter on top of it.
 
-    Example: vgen train --config configs/tiny-cpu.yaml --data ds --out runs/tiny --set train.steps=2000
+    Examples:
+      vgen train --config configs/tiny-cpu.yaml --data ds --out runs/tiny --set train.steps=2000
+      vgen train -c configs/finetune-lora-cpu.yaml -d rockets --out runs/rocket --init-from run:demo/model
     """
     from vgen.families.config import load_train_config
     from vgen.train.loop import train as run_training
 
-    cfg = load_train_config(config, overrides or ())
+    cfg = load_train_config(config, [*(overrides or ()), *([f"init.from={init_from}"] if init_from else [])])
     summary = run_training(cfg, data, out, start_over=start_over)
     if json_output and summary is not None:
         print_json(summary)
@@ -205,7 +218,8 @@ def generate(
     init_image: Annotated[Optional[Path], typer.Option(help="Edit this image (resized and centre-cropped to the model's size).")] = None,
     strength: Annotated[Optional[float], typer.Option(parser=finite_float, help="With --init-image: noise level to start from, 0 < s <= 1 (SDEdit) \\[default with --mask: 1].")] = None,
     mask: Annotated[Optional[Path], typer.Option(help="With --init-image: white (>= 128) = regenerate, black = keep (same size as the image).")] = None,
-    checkpoint: Annotated[str, typer.Option(help="'latest' or a step number.")] = "latest",
+    checkpoint: Annotated[str, typer.Option(help="'latest', 'best' (early stopping's) or a step number.")] = "latest",
+    adapter_scale: Annotated[Optional[float], typer.Option(parser=finite_float, help="An adapter run: the strength of its LoRA, 0 = the base model, 1 = as trained \\[default: 1].")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16.")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier generation at --out.")] = False,
@@ -239,7 +253,7 @@ def generate(
                                 top_p=top_p, batch_size=batch_size,
                                 init_image=init_image, strength=strength, mask=mask, grid=grid)
     start = time.perf_counter()
-    gen = load_run(run, checkpoint, device, precision, warn=warn)
+    gen = load_run(run, checkpoint, device, precision, warn=warn, adapter_scale=adapter_scale)
     request = request.resolved(gen)
     say(f"loaded {run} (step {gen.step}, model {gen.sha256[:10]}) on {gen.device}, {gen.precision}")
     total = len(request.prompts) * request.n
@@ -270,7 +284,7 @@ def evaluate(
     fid_images: Annotated[int, typer.Option(help="With --run: images generated for FID/KID (prompts: the val split's captions).")] = 2000,
     per_relation: Annotated[int, typer.Option(help="With --run: benchmark prompts per relation (training and held-out pairs).")] = 20,
     per_prompt: Annotated[int, typer.Option(help="With --run: images (seeds) per benchmark prompt.")] = 2,
-    checkpoints: Annotated[str, typer.Option(help="With --run: all (every kept checkpoint), latest, or steps like 1000,2000. The newest gets every metric, earlier ones the benchmark set at one seed per prompt (metric-vs-step plots).")] = "all",
+    checkpoints: Annotated[str, typer.Option(help="With --run: all (every kept checkpoint), latest, best (early stopping's), or steps like 1000,2000. The newest gets every metric, earlier ones the benchmark set at one seed per prompt (metric-vs-step plots).")] = "all",
     seed: Annotated[int, typer.Option(help="With --run: image i of each set gets seed S + i.")] = 0,
     steps: Annotated[Optional[int], typer.Option(help="With --run: sampler steps \\[default: the run's flow.sample_steps].")] = None,
     guidance: Annotated[Optional[float], typer.Option(parser=finite_float, help="With --run: guidance scale \\[default: the run's flow.sample_guidance].")] = None,

@@ -183,9 +183,15 @@ def _coerce(tp: Any, value: Any, path: str, base: Any = None) -> Any:
     raise TypeError(f"config schema: unsupported field type {tp!r} at {path!r}")
 
 
+def yaml_key(f: dataclasses.Field) -> str:
+    """The key a field is written under in YAML: its name, or `metadata["key"]` for a name Python
+    reserves (`init.from` is the field `source`)."""
+    return f.metadata.get("key", f.name)
+
+
 def _build(cls: type[T], data: dict, path: str, base: T | None = None) -> T:
     fields = [f for f in dataclasses.fields(cls) if f.init]
-    names = [f.name for f in fields]
+    names = [yaml_key(f) for f in fields]
     for key in data:
         if key not in names:
             full = _join(path, key)
@@ -196,7 +202,8 @@ def _build(cls: type[T], data: dict, path: str, base: T | None = None) -> T:
     hints = get_type_hints(cls)
     kwargs = {}
     for f in fields:
-        key = _join(path, f.name)
+        name = yaml_key(f)
+        key = _join(path, name)
         # A partial section keeps the rest of its default, including a default_factory's values.
         if base is not None:
             default = getattr(base, f.name)
@@ -204,10 +211,10 @@ def _build(cls: type[T], data: dict, path: str, base: T | None = None) -> T:
             default = f.default_factory()
         else:
             default = f.default
-        if f.name in data and "chosen_by" in f.metadata:
-            kwargs[f.name] = _choose(f.metadata["chosen_by"], data[f.name], key, default)
-        elif f.name in data:
-            kwargs[f.name] = _coerce(hints[f.name], data[f.name], key, default)
+        if name in data and "chosen_by" in f.metadata:
+            kwargs[f.name] = _choose(f.metadata["chosen_by"], data[name], key, default)
+        elif name in data:
+            kwargs[f.name] = _coerce(hints[f.name], data[name], key, default)
             if "bounds" in f.metadata:
                 _check_bounds(key, kwargs[f.name], f.metadata["bounds"])
         elif default is not _MISSING:
@@ -293,7 +300,7 @@ def load_config(cls: type[T], path: str | Path, overrides: Sequence[str] = ()) -
 def to_dict(instance: Any) -> Any:
     """Plain YAML-safe data (paths as str, tuples as lists); `from_dict(cls, to_dict(x)) == x`."""
     if dataclasses.is_dataclass(instance) and not isinstance(instance, type):
-        return {f.name: to_dict(getattr(instance, f.name)) for f in dataclasses.fields(instance) if f.init}
+        return {yaml_key(f): to_dict(getattr(instance, f.name)) for f in dataclasses.fields(instance) if f.init}
     if isinstance(instance, Path):
         return str(instance)
     if isinstance(instance, (list, tuple)):

@@ -257,7 +257,8 @@ def _describe(gen: LoadedRun, request: GenerationRequest) -> tuple[dict, dict, d
     """The model, sampler settings and editing inputs of a request, as generation.yaml records them."""
     model = {"run": str(gen.run_dir.resolve()), "kind": gen.kind, "run_manifest_sha256": gen.run_manifest_sha256,
              "checkpoint": str(gen.checkpoint.relative_to(gen.run_dir)), "step": gen.step, "sha256": gen.sha256,
-             "text_encoder": gen.model.text_encoder.id, **({"codec": gen.codec} if gen.codec else {})}
+             "text_encoder": gen.model.text_encoder.id, **({"codec": gen.codec} if gen.codec else {}),
+             **({"adapter": gen.adapter} if gen.adapter else {})}
     settings = {"sampler": request.sampler, "steps": request.steps, "guidance": request.guidance,
                 **request.token_options(), "negative_prompt": request.negative_prompt, "seed": request.seed,
                 "n": request.n, "batch_size": request.batch_size}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from vgen import checkpoint as ckpt
+from vgen import adaptation, checkpoint as ckpt
 from vgen.errors import ManifestError, UsageError
 from vgen.manifest import read_manifest, sha256_file
 
@@ -43,6 +43,7 @@ class LoadedRun:
     precision: str  # fp32 | bf16 (autocast)
     load_seconds: float
     codec: dict | None = None  # the latent codec it draws through, as training recorded it (None: pixels)
+    adapter: dict | None = None  # an adapter run: its base (run, step, sha256) and the scale it draws at
 
     @property
     def kind(self) -> str:
@@ -153,17 +154,28 @@ def run_text_encoder_source(run_dir: str | Path) -> str | None:
     return cfg.text_encoder.source if hasattr(cfg, "text_encoder") else None
 
 
-def _parse_checkpoint(which: str | int) -> str | int:
+def best_step(run_dir: Path, manifest: dict) -> int:
+    """The step of the checkpoint early stopping marked best in run.yaml."""
+    best = manifest.get("best")
+    if not isinstance(best, dict) or not isinstance(best.get("step"), int):
+        raise UsageError(f"--checkpoint best: {run_dir / RUN_MANIFEST} marks no best checkpoint (only runs with "
+                         "train.early_stopping do); use 'latest' or a step number")
+    return best["step"]
+
+
+def _parse_checkpoint(which: str | int, run_dir: Path, manifest: dict) -> str | int:
     if isinstance(which, int) or which == "latest":
         return which
     if str(which).isdigit():
         return int(which)
-    raise UsageError(f"--checkpoint: expected 'latest' or a step number, got {which!r}")
+    if which == "best":
+        return best_step(run_dir, manifest)
+    raise UsageError(f"--checkpoint: expected 'latest', 'best' or a step number, got {which!r}")
 
 
 def load_run(run_dir: str | Path, checkpoint: str | int = "latest", device: str = "auto",
              precision: str = "auto", warn: Callable[[str], None] | None = None,
-             purpose: str = "images") -> LoadedRun:
+             purpose: str = "images", adapter_scale: float | None = None) -> LoadedRun:
     """The EMA weights of checkpoint `checkpoint` of the run at `run_dir`, in the family, networks
     and text encoder the run was trained with (all read through run.yaml).
 
@@ -193,7 +205,7 @@ def load_run(run_dir: str | Path, checkpoint: str | int = "latest", device: str 
         drawing = [k for k in FAMILIES if family_class(k).why_no_images(config_class(k)(), run_dir) is None]
         raise ManifestError(f"{manifest_path}: {reason} (kinds that draw as configured by default: "
                             f"{', '.join(drawing)})")
-    which = _parse_checkpoint(checkpoint)
+    which = _parse_checkpoint(checkpoint, run_dir, manifest)
     path, state = ckpt.resolve_checkpoint(run_dir, which, warn=warn or (lambda m: print(m, file=sys.stderr)))
     torch_device = resolve_device(device)
     if precision == "auto":
@@ -204,6 +216,9 @@ def load_run(run_dir: str | Path, checkpoint: str | int = "latest", device: str 
     resolution = (manifest.get("dataset") or {}).get("resolution")
     family = build_family(cfg, resolution, torch_device)
     family.restore(manifest, str(manifest_path))
+    adapter_keys = adaptation.prepare_inference(cfg, family, manifest, str(manifest_path))  # an adapter's base
+    if adapter_scale is not None and adapter_keys is None:
+        raise UsageError(f"--adapter-scale: {run_dir} is not an adapter run (its config has no `adapter:`)")
     model = family.ema_target()
     trained_with = (manifest.get("export") or {}).get("text_encoder")
     if trained_with and trained_with != getattr(getattr(model, "text_encoder", None), "id", trained_with):
@@ -211,7 +226,13 @@ def load_run(run_dir: str | Path, checkpoint: str | int = "latest", device: str 
                             f"text_encoder.source {cfg.text_encoder.source} now holds {model.text_encoder.id}; the "
                             "generator only understands the features of the encoder it was trained with")
     try:
-        model.load_state_dict(ckpt.load_tensors(path, "ema", torch_device))
+        tensors = ckpt.load_tensors(path, "ema", torch_device)
+        if adapter_keys is None:
+            model.load_state_dict(tensors)
+        else:
+            adaptation.load_adapter_tensors(model, tensors, adapter_keys, str(path / "ema.safetensors"))
+            if adapter_scale is not None:
+                adaptation.scale_adapter(model, adapter_scale)
     except RuntimeError as e:
         detail = str(e).strip().splitlines()[0]
         raise ManifestError(f"{path / 'ema.safetensors'} does not fit the network of {manifest_path}: "
@@ -220,4 +241,7 @@ def load_run(run_dir: str | Path, checkpoint: str | int = "latest", device: str 
     return LoadedRun(family=family, model=model, cfg=cfg, run_dir=run_dir, run_manifest_sha256=sha256_file(manifest_path),
                      checkpoint=path, step=int(state["step"]), sha256=state["files"]["ema"]["sha256"],
                      device=torch_device, precision=precision, load_seconds=time.perf_counter() - start,
-                     codec=manifest.get("codec"))
+                     codec=manifest.get("codec"),
+                     adapter=None if adapter_keys is None else
+                     {"base": {k: manifest["init"][k] for k in ("run", "step", "weights", "checkpoint_sha256")},
+                      "scale": 1.0 if adapter_scale is None else adapter_scale})

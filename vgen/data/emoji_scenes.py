@@ -58,6 +58,13 @@ OBJECTS: tuple[EmojiObject, ...] = (
     _obj("airplane", "\u2708\ufe0f", article="an"), _obj("sailboat", "\u26f5"), _obj("soccer ball", "\u26bd"),
 )
 OBJECT_BY_NOUN: dict[str, EmojiObject] = {o.noun: o for o in OBJECTS}
+# Objects outside the 36, for teaching a trained model something new (`vgen data emoji-scenes
+# --objects`, bench/finetune.py): never in the default dataset nor in the benchmark.
+NEW_OBJECTS: tuple[EmojiObject, ...] = (
+    _obj("rocket", "\U0001f680"), _obj("star", "\u2b50"), _obj("robot", "\U0001f916"), _obj("ghost", "\U0001f47b"),
+    _obj("lemon", "\U0001f34b"), _obj("tomato", "\U0001f345"),
+)
+NEW_OBJECT_BY_NOUN: dict[str, EmojiObject] = {o.noun: o for o in NEW_OBJECTS}
 
 RELATIONS = MappingProxyType(
     {"single": 0.20, "and": 0.20, "left": 0.125, "right": 0.125, "above": 0.125, "below": 0.125, "two": 0.10}
@@ -113,7 +120,7 @@ class Scene:
 def caption_for(relation: str, nouns: Sequence[str]) -> str:
     """The caption of `relation` over `nouns` (caption order); ValueError outside the grammar."""
     try:
-        objs = [OBJECT_BY_NOUN[n] for n in nouns]
+        objs = [OBJECT_BY_NOUN.get(n) or NEW_OBJECT_BY_NOUN[n] for n in nouns]
     except KeyError as e:
         raise ValueError(f"unknown noun {e.args[0]!r}") from None
     if relation in ("single", "two") and len(objs) == 1:
@@ -162,6 +169,10 @@ def scene_spec(seed: int, index: int) -> Scene:
         nouns = (rng.choice(COUNTABLE),)
     else:
         nouns = rng.choice(TRAIN_PAIRS)
+    return _placed(rng, index, relation, nouns)
+
+
+def _placed(rng: random.Random, index: int, relation: str, nouns: tuple[str, ...]) -> Scene:
     boxes = BOXES[relation]
     if relation == "and" and rng.random() < 0.5:
         boxes = boxes[::-1]
@@ -169,6 +180,25 @@ def scene_spec(seed: int, index: int) -> Scene:
     placements = tuple(Placement(n, box, rng.uniform(0.8, 1.0), rng.randint(-3, 3), rng.randint(-3, 3))
                        for n, box in zip(drawn, boxes))
     return Scene(index, relation, nouns, caption_for(relation, nouns), placements)
+
+
+def new_object_scene_spec(seed: int, index: int, new_nouns: Sequence[str], share: float = 1.0) -> Scene:
+    """Scene `index` of a folder that teaches the NEW_OBJECTS `new_nouns`: with probability `share`
+    one of them in the scene (alone, two of it, or with one of the 36 in a random relation and
+    order), else the default dataset's scene `index` (replay of what the model knew: prior
+    preservation, as DreamBooth's class images). Its own random stream, so the replayed scenes
+    are exactly scene_spec's."""
+    rng = random.Random(f"emoji-scenes-new/{seed}/{index}")
+    if rng.random() >= share:
+        return scene_spec(seed, index)
+    new = rng.choice(list(new_nouns))
+    relation = rng.choices(list(RELATIONS), weights=list(RELATIONS.values()))[0]
+    if relation in ("single", "two"):
+        nouns: tuple[str, ...] = (new,)
+    else:
+        old = rng.choice(OBJECTS).noun
+        nouns = (new, old) if rng.random() < 0.5 else (old, new)
+    return _placed(rng, index, relation, nouns)
 
 
 def _find_font(font_path: str | None) -> str:
@@ -200,7 +230,7 @@ def _find_font(font_path: str | None) -> str:
 class SceneRenderer:
     """Draws Scenes at 64x64 from the emoji font; each glyph is rasterised once and cached."""
 
-    def __init__(self, font_path: str | None = None):
+    def __init__(self, font_path: str | None = None, new_nouns: Sequence[str] = ()):
         from PIL import Image, ImageDraw, ImageFont, features
 
         path = _find_font(font_path)
@@ -217,7 +247,7 @@ class SceneRenderer:
         self._glyphs: dict[str, Image.Image] = {}
         self._sized: dict[tuple[str, int, int], Image.Image] = {}
         advance = font.getlength(OBJECT_BY_NOUN["cat"].emoji)  # one glyph, whatever the layout engine
-        for obj in OBJECTS:
+        for obj in (*OBJECTS, *(NEW_OBJECT_BY_NOUN[n] for n in new_nouns)):
             # Without shaping, VS16 (U+FE0F) sequences come out as the glyph plus a second advance.
             if font.getlength(obj.emoji) > 1.25 * advance:
                 raise MissingDependencyError(
@@ -266,20 +296,33 @@ SCENES_MANIFEST = ".emoji-scenes.yaml"  # hidden: preprocess skips it, so a raw 
 
 def write_emoji_scenes(out_dir: str | os.PathLike, count: int, seed: int = 0, overwrite: bool = False,
                        progress: Callable[[int], None] | None = None,
-                       warn: Callable[[str], None] | None = None) -> dict:
+                       warn: Callable[[str], None] | None = None, new_objects: Sequence[str] = (),
+                       new_share: float = 1.0) -> dict:
     """Write scenes 0..count-1 as `NNNNNN.png` + `NNNNNN.txt` (caption) into `out_dir`, atomically,
-    with a small manifest (.emoji-scenes.yaml) so that `overwrite` replaces only such a folder."""
+    with a small manifest (.emoji-scenes.yaml) so that `overwrite` replaces only such a folder.
+    `new_objects` (NEW_OBJECTS nouns): scenes that teach them (new_object_scene_spec)."""
     out_dir = Path(out_dir)
     if count < 1:
         raise UsageError(f"--count must be at least 1, got {count}")
+    unknown = [n for n in new_objects if n not in NEW_OBJECT_BY_NOUN]
+    if unknown:
+        raise UsageError(f"--objects: {', '.join(map(repr, unknown))} is not one of the new objects "
+                         f"({', '.join(NEW_OBJECT_BY_NOUN)}); the 36 of the default dataset are in every folder")
+    if not 0 < new_share <= 1:
+        raise UsageError(f"--objects-share: expected 0 < share <= 1, got {new_share}")
+
+    def spec(index: int) -> Scene:
+        return new_object_scene_spec(seed, index, new_objects, new_share) if new_objects else scene_spec(seed, index)
+
     with claim_output_dir(out_dir, SCENES_MANIFEST, "emoji-scenes", overwrite, option="OUT_DIR", warn=warn):
-        renderer = SceneRenderer()  # before creating anything, so a missing font leaves no partial folder
+        # before creating anything, so a missing font leaves no partial folder
+        renderer = SceneRenderer(new_nouns=new_objects)
         width = max(6, len(str(count - 1)))
         counts = dict.fromkeys(RELATIONS, 0)
         pending = 0
         with atomic_directory(out_dir, overwrite=True) as tmp:
             for index in range(count):
-                scene = scene_spec(seed, index)
+                scene = spec(index)
                 counts[scene.relation] += 1
                 stem = tmp / f"{index:0{width}d}"
                 # Level 1: these tiny flat images barely shrink at higher levels, which cost 3-5x the time.
@@ -292,8 +335,10 @@ def write_emoji_scenes(out_dir: str | os.PathLike, count: int, seed: int = 0, ov
                     pending = 0
             if progress is not None and pending:
                 progress(pending)
-            write_manifest(tmp / SCENES_MANIFEST, "emoji-scenes", {"count": count, "seed": seed, "relations": counts})
-    return {"count": count, "seed": seed, "relations": counts, "out_dir": str(out_dir.resolve())}
+            extra = {"new_objects": list(new_objects), "new_share": new_share} if new_objects else {}
+            write_manifest(tmp / SCENES_MANIFEST, "emoji-scenes", {"count": count, "seed": seed, "relations": counts,
+                                                                   **extra})
+    return {"count": count, "seed": seed, "relations": counts, **extra, "out_dir": str(out_dir.resolve())}
 
 
 def benchmark_prompts(split: str, per_relation: int, seed: int = 0) -> list[str]:

@@ -89,12 +89,17 @@ def _select_checkpoints(run_dir: Path, which: str) -> list[int]:
         raise UsageError(f"{run_dir}: no checkpoints yet (checkpoints/ is empty); train first")
     if which == "latest":
         return [available[-1]]
+    if which == "best":
+        from vgen.manifest import read_manifest
+        from vgen.runs import RUN_MANIFEST, best_step
+
+        return [best_step(run_dir, read_manifest(run_dir / RUN_MANIFEST, "run"))]
     if which == "all":
         return available
     try:
         steps = sorted({int(s) for s in which.split(",") if s.strip()})
     except ValueError:
-        raise UsageError(f"--checkpoints: expected latest, all or comma-separated steps, got {which!r}") from None
+        raise UsageError(f"--checkpoints: expected latest, best, all or comma-separated steps, got {which!r}") from None
     missing = [s for s in steps if s not in available]
     if missing or not steps:
         raise UsageError(f"--checkpoints: no checkpoint at step {', '.join(map(str, missing)) or '(none given)'} "

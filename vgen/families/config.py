@@ -4,6 +4,7 @@
     text_encoder: ...       the text tower the generator is conditioned on (families that use one)
     codec: pixels           the space the generator is trained in (vgen.codecs; families that use one)
     flow: ...               the family's own section (its `section` and `Config`)
+    init: / adapter: / freeze:  start from a run, LoRA adapters, frozen parameters (vgen.adaptation)
     optim: / ema: / train:  the optimiser, the weight average and the loop, shared by all
 
 The schema of a run is built from its family, so a config names only what its family reads and a
@@ -54,6 +55,21 @@ class EmaConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """Stop when `metric` (one of the family's validation metrics, e.g. val_loss_ema) has not
+    improved by more than `min_delta` for `patience` validations in a row; the best checkpoint is
+    kept and marked in run.yaml (`vgen generate --checkpoint best`)."""
+
+    metric: str = "val_loss_ema"
+    mode: Literal["min", "max"] = "min"
+    patience: int = bounded(3, ge=1)
+    min_delta: float = bounded(0.0, ge=0)
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
+
+@dataclass
 class LoopConfig:
     steps: int = bounded(1000, ge=0)  # 0: the untrained network as checkpoint 0, a baseline for `vgen evaluate`
     batch_size: int = bounded(64, ge=1)  # the global batch, split evenly across torchrun processes
@@ -69,6 +85,47 @@ class LoopConfig:
     val_every: int = bounded(500, ge=1)
     val_images: int = bounded(256, ge=0)
     max_nonfinite: int = bounded(20, ge=0)  # skipped steps with a non-finite loss before the run stops
+    early_stopping: EarlyStoppingConfig | None = None  # off by default: the run trains train.steps
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
+
+@dataclass
+class InitConfig:
+    """Start from an earlier run's weights instead of a random initialisation (vgen.adaptation)."""
+
+    # run:RUN_DIR or run:RUN_DIR@STEP, a run of the same kind and network; written `from:` in YAML
+    source: str | None = field(default=None, metadata={"key": "from"})
+    weights: Literal["ema", "raw"] = "ema"  # the source's averaged (what it samples with) or raw weights
+
+
+# Globs over the generator's parameter names: every attention projection (self- and cross-attention,
+# the text refiner's too) and MLP layer of the flow networks, the GAN generator and the AR transformer.
+DEFAULT_ADAPTER_TARGETS = ("*attn.q.weight", "*attn.kv.weight", "*attn.out.weight", "*cross.q.weight",
+                           "*cross.kv.weight", "*cross.out.weight", "*mlp.*.weight")
+
+
+@dataclass
+class AdapterConfig:
+    """LoRA (Hu et al. 2021) on the generator's linear projections; the base is `init.from`."""
+
+    type: Literal["lora"] = "lora"
+    rank: int = bounded(8, ge=1)
+    alpha: float = bounded(8.0, gt=0)
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_ADAPTER_TARGETS))
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
+
+@dataclass
+class FreezeConfig:
+    """Parameters that do not train: globs over the model's parameter names, and/or every block of
+    the generator's `blocks` but the last `train_last_blocks`."""
+
+    params: list[str] = field(default_factory=list)
+    train_last_blocks: int | None = bounded(None, ge=0)
 
     def __post_init__(self) -> None:
         check_bounds(self)
@@ -76,8 +133,8 @@ class LoopConfig:
 
 @functools.cache
 def config_class(kind: str) -> type:
-    """The dataclass of a `kind` run's config: kind, [text_encoder], [codec], [the family's section], optim,
-    ema, train (in that order, which is the order run.yaml records them in)."""
+    """The dataclass of a `kind` run's config: kind, [text_encoder], [codec], [the family's section], init,
+    adapter, freeze, optim, ema, train (in that order, which is the order run.yaml records them in)."""
     from vgen.families import family_class
 
     family = family_class(kind)
@@ -88,7 +145,10 @@ def config_class(kind: str) -> type:
         fields.append(("codec", str, field(default="pixels")))
     if family.section:
         fields.append((family.section, family.Config, field(default_factory=family.Config)))
-    fields += [("optim", family.Optim, field(default_factory=family.Optim)),
+    fields += [("init", InitConfig, field(default_factory=InitConfig)),  # where the weights start (vgen.adaptation)
+               ("adapter", AdapterConfig | None, field(default=None)),
+               ("freeze", FreezeConfig, field(default_factory=FreezeConfig)),
+               ("optim", family.Optim, field(default_factory=family.Optim)),
                ("ema", EmaConfig, field(default_factory=EmaConfig)),
                ("train", LoopConfig, field(default_factory=LoopConfig))]
     return dataclasses.make_dataclass(f"{family.__name__.removesuffix('Family')}TrainConfig", fields)

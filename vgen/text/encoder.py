@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from vgen.errors import UsageError
-from vgen.text.lora import add_lora, lora_parameters
+from vgen.lora import add_lora, lora_parameters
 from vgen.text.sources import LoadedClip, TextEncoderConfig, load_open_clip
 
 MODES = ("frozen", "lora", "full")
@@ -56,7 +56,7 @@ class TextEncoder(nn.Module):
 
     mode "frozen": no trainable parameters, always eval mode, `encode` caches per caption.
     mode "lora":   LoRA factors on the transformer's attention and MLP weights are the only trainable
-                   parameters (vgen.text.lora).
+                   parameters (vgen.lora).
     mode "full":   every text-tower parameter is trainable.
     """
 

@@ -416,7 +416,7 @@ def save_open_clip_local_dir(model, model_cfg: dict, out_dir: str | os.PathLike)
     state = model.state_dict()
     if any(".parametrizations." in key for key in state):
         raise VgenError(
-            "the model still has parametrizations (LoRA?); merge them (vgen.text.lora.merge_lora) first"
+            "the model still has parametrizations (LoRA?); merge them (vgen.lora.merge_lora) first"
         )
     tensors: dict[str, torch.Tensor] = {}
     storages: set[int] = set()

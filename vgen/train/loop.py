@@ -32,9 +32,10 @@ from vgen.families import build_family
 from vgen.data.dataset import (ImageCaptionDataset, dataset_content_sha256, dataset_sha256, load_dataset_manifest,
                                verify_dataset)
 from vgen.errors import ConfigError, VgenError
-from vgen.manifest import sha256_file, write_manifest
-from vgen import checkpoint as ckpt
+from vgen.manifest import read_manifest, sha256_file, write_manifest
+from vgen import adaptation, checkpoint as ckpt
 from vgen.distributed import Distributed, all_reduce, barrier, init_distributed, shutdown
+from vgen.train.early_stopping import EarlyStopping
 from vgen.train.ema import ema_decay, make_ema, update_ema
 from vgen.train.run_dir import METRICS_FILE, RUN_MANIFEST, check_checkpoints, check_same_run, claim_run_dir
 from vgen.train.precision import autocast_factory, choose_precision, enable_tf32
@@ -161,6 +162,14 @@ def _on_main(dist: Distributed, work):
     return result
 
 
+def _recorded_init(run_dir: Path) -> dict | None:
+    """The `init` record of the run.yaml in `run_dir` (a run being resumed), if any."""
+    if not (run_dir / RUN_MANIFEST).is_file():
+        return None
+    record = read_manifest(run_dir / RUN_MANIFEST, "run").get("init")
+    return record if isinstance(record, dict) else None
+
+
 def _train(cfg, data_dir: Path, run_dir: Path, dist: Distributed, start_over: bool) -> dict:
     loop, device = cfg.train, dist.device
     if loop.batch_size % dist.world_size:
@@ -181,6 +190,10 @@ def _train(cfg, data_dir: Path, run_dir: Path, dist: Distributed, start_over: bo
     family = build_family(cfg, train_set.resolution, device)
     prepared = family.prepare(train_set, val_set, lambda work: _on_main(dist, work))
     model = family.model
+    found = ckpt.latest_checkpoint(run_dir, warn=warn)
+    # init.from / adapter / freeze (vgen.adaptation), before the EMA copy and the optimizers exist
+    adapted = adaptation.setup(cfg, family, _recorded_init(run_dir), resuming=found is not None,
+                               say=say if dist.is_main else (lambda *a, **k: None))
     ema_target = family.ema_target()
     ema = make_ema(ema_target, share=family.shared_modules())
     phases = family.phases()
@@ -190,15 +203,15 @@ def _train(cfg, data_dir: Path, run_dir: Path, dist: Distributed, start_over: bo
     ema_owners = [s for s in states if any(id(p) in ema_ids for p in s.params)]
     optimizers = {state.name: state.optimizer for state in states}
 
-    start_step, nonfinite, precision, precision_reason = 0, 0, None, None
-    found = ckpt.latest_checkpoint(run_dir, warn=warn)
+    start_step, nonfinite, precision, precision_reason, stopping_state = 0, 0, None, None, None
     if found is not None:
         path, state = found
-        model.load_state_dict(ckpt.load_tensors(path, "model", device))
-        ema.load_state_dict(ckpt.load_tensors(path, "ema", device))
+        adapted.load(model, ckpt.load_tensors(path, "model", device), "model", str(path / "model.safetensors"))
+        adapted.load(ema, ckpt.load_tensors(path, "ema", device), "ema", str(path / "ema.safetensors"))
         ckpt.load_optimizer_tensors(optimizers, ckpt.load_tensors(path, "optimizer", device), state["optimizer_groups"],
                                     where=str(path / "checkpoint.yaml"))
         start_step, nonfinite, precision = state["step"], state["nonfinite"], state["precision"]
+        stopping_state = state.get("early_stopping")
         precision_reason = "the precision of the checkpoint resumed"
         if dist.is_main:
             say(f"resuming from {path} (step {start_step}, {state['images_seen']:,} images seen)")
@@ -209,6 +222,11 @@ def _train(cfg, data_dir: Path, run_dir: Path, dist: Distributed, start_over: bo
         if precision == "bf16" and not bf16_everywhere:
             precision, precision_reason = "fp32", "auto: another process's device does not run bf16 natively"
     autocast = autocast_factory(device, precision)
+    stopper = None
+    if loop.early_stopping is not None:
+        stopper = EarlyStopping(loop.early_stopping, stopping_state)
+        if dist.is_main:  # one image: which metrics the family reports, before any time is spent
+            stopper.check_metric(family.validate(model, ema, val_set, 1, autocast))
 
     if loop.compile:
         if device.type == "cpu" and not _cpp_compiler():
@@ -242,7 +260,12 @@ def _train(cfg, data_dir: Path, run_dir: Path, dist: Distributed, start_over: bo
             "checkpoints": [{"step": int(p.name.split("-")[1]), "path": str(p.relative_to(run_dir)),
                              "sha256": sha256_file(p / "checkpoint.yaml")} for p in ckpt.list_checkpoints(run_dir)],
             **prepared,  # what the family measured on the data before training (e.g. its codec's latent scale)
+            **({"init": adapted.record} if adapted.record else {}),  # the run it started from
         }
+        if stopper is not None and stopper.best():
+            body["best"] = stopper.best()  # vgen generate --checkpoint best
+        if early_stopped:
+            body["early_stopped"] = early_stopped
         if export:
             body["export"] = export
         write_manifest(run_dir / RUN_MANIFEST, "run", body)
@@ -251,12 +274,18 @@ def _train(cfg, data_dir: Path, run_dir: Path, dist: Distributed, start_over: bo
         if dist.is_main:
             tensors, groups = ckpt.optimizer_tensors(optimizers)
             state = {"images_seen": step * loop.batch_size, "nonfinite": nonfinite, "precision": precision,
-                     "optimizer_groups": groups}
-            ckpt.save_checkpoint(run_dir, step, {"model": model.state_dict(), "ema": ema.state_dict(),
-                                                 "optimizer": tensors}, state, loop.keep_checkpoints)
+                     "optimizer_groups": groups, **({"early_stopping": stopper.state()} if stopper else {})}
+            ckpt.save_checkpoint(run_dir, step, {"model": adapted.saved(model.state_dict(), "model"),
+                                                 "ema": adapted.saved(ema.state_dict(), "ema"),
+                                                 "optimizer": tensors}, state, loop.keep_checkpoints,
+                                 protect=(stopper.best_step,) if stopper and stopper.best_step is not None else ())
             manifest("running", step)
         barrier()
 
+    early_stopped = None  # {step, best_step, ...} once early stopping ends the run
+    if stopper is not None and stopper.should_stop:  # resumed after it stopped early: nothing left to train
+        early_stopped = {"step": start_step, "best_step": stopper.best_step, "metric": stopper.cfg.metric,
+                         "patience": stopper.cfg.patience}
     manifest("running", start_step)
     step, metrics, export, last = start_step, None, None, {}
     try:
@@ -264,14 +293,15 @@ def _train(cfg, data_dir: Path, run_dir: Path, dist: Distributed, start_over: bo
         if dist.is_main:
             (run_dir / "samples").mkdir(exist_ok=True)
             n_params = sum(p.numel() for state in states for p in state.params)
-            console.print(f"training {cfg.kind}: {n_params / 1e6:.2f}M trainable parameters, {len(train_set):,} "
+            frozen = f" ({adapted.frozen / 1e6:.2f}M frozen)" if adapted.frozen else ""
+            console.print(f"training {cfg.kind}: {n_params / 1e6:.2f}M trainable parameters{frozen}, {len(train_set):,} "
                           f"images, batch {loop.batch_size} on {dist.world_size} x {device}, {precision} "
                           f"({precision_reason})", highlight=False)
         if loop.steps == 0 and found is None:
             save(0)  # train.steps=0: the initialised network (EMA = weights), e.g. the baseline of an evaluation
         window_start, window_images = time.perf_counter(), 0
         with _StopRequest() as stop, _progress(dist.is_main, start_step, loop.steps) as progress:
-            while step < loop.steps:
+            while step < loop.steps and early_stopped is None:
                 first = step * loop.batch_size + dist.rank * local_batch
                 batch = family.make_batch(train_set, order, step, list(range(first, first + local_batch)))
                 skipped, grad_norms = [], {}
@@ -346,15 +376,27 @@ def _train(cfg, data_dir: Path, run_dir: Path, dist: Distributed, start_over: bo
                     last["validation"] = {"step": step, "images_seen": step * loop.batch_size,
                                           **family.validate(model, ema, val_set, loop.val_images, autocast)}
                     metrics.write(last["validation"])
+                    if stopper is not None:
+                        stopper.update(step, last["validation"])
                 if dist.is_main and (step % loop.sample_every == 0 or step == loop.steps):
                     family.write_samples(ema, run_dir / "samples" / f"step-{step:08d}.png", autocast)
-                stop_now = bool(all_reduce(torch.tensor(float(stop.requested)), "max").item())
-                if step % loop.checkpoint_every == 0 or step == loop.steps or stop_now:
+                # Decided on the main process (validation runs there), acted on by every process.
+                flags = all_reduce(torch.tensor([float(stop.requested), float(bool(stopper and stopper.improved)),
+                                                 float(bool(stopper and stopper.should_stop))]), "max").tolist()
+                stop_now, new_best, stop_early = (bool(f) for f in flags)
+                if stopper is not None:
+                    stopper.improved = False
+                if stop_early and dist.is_main:
+                    early_stopped = {"step": step, "best_step": stopper.best_step, "metric": stopper.cfg.metric,
+                                     "patience": stopper.cfg.patience}
+                    say(f"early stopping at step {step}: {stopper.cfg.metric} has not improved for "
+                        f"{stopper.since_best} validations; best {stopper.best_value:.5g} at step {stopper.best_step}")
+                if step % loop.checkpoint_every == 0 or step == loop.steps or stop_now or new_best or stop_early:
                     save(step)
-                if stop_now:
+                if stop_now or stop_early:
                     break
 
-        done = step >= loop.steps
+        done = step >= loop.steps or early_stopped is not None
         if dist.is_main and done:
             export = family.export(run_dir, ema)
     except BaseException as e:
