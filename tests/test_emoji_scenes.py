@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from collections import Counter
 
 import numpy as np
@@ -220,3 +221,43 @@ def test_missing_raqm_names_the_debian_packages(monkeypatch):
     monkeypatch.setattr(features, "check", lambda name: False if name == "raqm" else True)
     with pytest.raises(MissingDependencyError, match="libraqm0 libfribidi0"):
         SceneRenderer()
+
+
+def test_new_object_scenes_teach_the_new_object_and_replay_the_rest(renderer):
+    from vgen.data.emoji_scenes import NEW_OBJECT_BY_NOUN, new_object_scene_spec
+
+    scenes = [new_object_scene_spec(4, i, ["rocket", "star"], share=0.5) for i in range(2000)]
+    new = [s for s in scenes if set(s.nouns) & {"rocket", "star"}]
+    replay = [s for s in scenes if not set(s.nouns) & {"rocket", "star"}]
+    assert 0.45 < len(new) / len(scenes) < 0.55
+    assert all(s == scene_spec(4, s.index) for s in replay)  # the default scenes exactly
+    assert {s.relation for s in new} == set(RELATIONS)
+    pairs = [s for s in new if len(s.nouns) == 2]
+    assert all(sum(n in NEW_OBJECT_BY_NOUN for n in s.nouns) == 1 for s in pairs)
+    assert 0.4 < sum(s.nouns[0] in NEW_OBJECT_BY_NOUN for s in pairs) / len(pairs) < 0.6  # both orders
+    assert caption_for("two", ("rocket",)) == "two rockets" and caption_for("above", ("star", "cat")) == \
+        "a star above a cat"
+    assert new_object_scene_spec(4, 7, ["rocket"], 1.0) == new_object_scene_spec(4, 7, ["rocket"], 1.0)
+    teaching = SceneRenderer(new_nouns=["rocket"])
+    image = np.asarray(teaching.render(next(s for s in new if s.nouns == ("rocket",) and s.relation == "single")))
+    assert (image < 200).any()  # the rocket is drawn
+    with pytest.raises(KeyError):
+        renderer.glyph("rocket")  # a default renderer knows only the 36
+
+
+def test_write_emoji_scenes_with_new_objects(tmp_path):
+    out = tmp_path / "rockets"
+    summary = write_emoji_scenes(out, 40, seed=1, new_objects=["rocket"], new_share=1.0)
+    assert summary["new_objects"] == ["rocket"]
+    assert all("rocket" in p.read_text() for p in out.glob("*.txt"))
+    with pytest.raises(UsageError, match="'dragon' is not one of the new objects"):
+        write_emoji_scenes(tmp_path / "x", 5, new_objects=["dragon"])
+    with pytest.raises(UsageError, match="--objects-share"):
+        write_emoji_scenes(tmp_path / "y", 5, new_objects=["rocket"], new_share=0.0)
+
+
+def test_cli_objects_options(tmp_path, vgen_cli):
+    result = vgen_cli("data", "emoji-scenes", tmp_path / "a", "--count", "5", "--objects-share", "0.5")
+    assert result.exit_code == 2 and "only with --objects" in result.stderr
+    result = vgen_cli("data", "emoji-scenes", tmp_path / "b", "--count", "12", "--objects", "rocket,star", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["new_objects"] == ["rocket", "star"]

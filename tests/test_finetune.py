@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -20,7 +21,7 @@ from vgen import checkpoint as ckpt
 from vgen.adaptation import parse_init_source
 from vgen.config import to_dict
 from vgen.errors import ConfigError
-from vgen.families.config import EarlyStoppingConfig, load_train_config, train_config_from_dict
+from vgen.families.config import EarlyStoppingConfig, train_config_from_dict
 from vgen.lora import add_lora, lora_state_dict, merge_lora, merge_lora_tensors, set_lora_scale
 from vgen.train.early_stopping import EarlyStopping
 
@@ -103,8 +104,11 @@ def test_early_stopping_counts_validations_without_improvement():
     up.update(1, {"acc": 0.5})
     up.update(2, {"acc": 0.6})
     assert up.best_step == 2 and not up.should_stop
+    up.update(3, {"val_loss": 1.0})  # a validation without the metric: no improvement, no crash
+    assert up.since_best == 1 and up.should_stop and "best 0.6 at step 2" in up.describe()
     with pytest.raises(ConfigError, match="'acc' is not a validation metric.*val_loss"):
-        up.update(3, {"val_loss": 1.0})
+        up.check_metric({"val_loss": 1.0})
+    assert "no finite value yet" in EarlyStopping(up.cfg, {"since_best": 1}).describe()
 
 
 def test_the_best_checkpoint_survives_rotation(tmp_path):
@@ -152,6 +156,10 @@ def test_lora_run_saves_only_the_adapter_and_draws_on_its_base(base, tmp_path, v
     # the checkpoint holds the LoRA factors only, far smaller than the base
     adapter = load_file(str(ckpt.list_checkpoints(out)[-1] / "ema.safetensors"))
     assert adapter and all(k.endswith(("lora_A", "lora_B")) for k in adapter)
+    with safe_open(str(ckpt.list_checkpoints(out)[-1] / "ema.safetensors"), "pt") as f:  # the file names its base
+        about = f.metadata()
+    assert about["format"] == "vgen-lora-adapter" and about["base_checkpoint_sha256"] == record["checkpoint_sha256"]
+    assert about["rank"] == "4" and about["base_run"] == record["run"]
     base_file = ckpt.list_checkpoints(base["run"])[-1] / "ema.safetensors"
     assert (ckpt.list_checkpoints(out)[-1] / "ema.safetensors").stat().st_size < 0.3 * base_file.stat().st_size
 
@@ -201,6 +209,14 @@ def test_incompatible_or_missing_sources_are_refused(base, tmp_path, vgen_cli):
     result = vgen_cli("train", "-c", base["config"], "-d", base["data"], "-o", tmp_path / "d",
                       "--init-from", f"run:{base['run']}@7")
     assert result.exit_code == 2 and "no checkpoint for step 7" in result.stderr
+    for sets, message in [(["adapter.rank=2", "text_encoder.mode=lora"], "text_encoder.mode is 'lora'"),
+                          (["adapter.rank=2", "freeze.train_last_blocks=1"], "freezes the whole generator"),
+                          (["train.early_stopping.patience=2", "train.val_images=0"], "train.val_images is 0")]:
+        args = [a for s in sets for a in ("--set", s)]
+        result = vgen_cli("train", "-c", base["config"], "-d", base["data"], "-o", tmp_path / "e",
+                          "--init-from", f"run:{base['run']}", *args)
+        assert result.exit_code == 2 and message in result.stderr, (sets, result.stderr)
+    assert not (tmp_path / "e").exists()
 
 
 @pytest.mark.slow
@@ -265,3 +281,25 @@ def test_early_stopping_stops_within_patience_and_generates_from_the_best(base, 
     assert again.returncode == 0 and steps == [int(p.name.split("-")[1]) for p in ckpt.list_checkpoints(out)]
     no_best = vgen_cli("generate", "red", "--run", base["run"], "--checkpoint", "best", "-o", tmp_path / "h")
     assert no_best.exit_code == 2 and "marks no best checkpoint" in no_best.stderr
+
+
+@pytest.mark.slow
+def test_a_gan_adapter_adapts_the_generator_and_trains_the_whole_discriminator(base, tmp_path, vgen_cli):
+    from tests.test_families import TINY_GAN
+
+    text = next(s for s in base["sets"] if s.startswith("text_encoder.source="))
+    sets = [*TINY_GAN, text, "train.steps=4", "train.checkpoint_every=4", "train.val_every=1000",
+            "train.sample_every=1000"]
+    gan_base = tmp_path / "gan"
+    assert run(vgen_train_cmd(write_config(tmp_path / "g.yaml", sets), base["data"], gan_base)).returncode == 0
+    config = write_config(tmp_path / "a.yaml", [*sets, f"init.from=run:{gan_base}", "adapter.rank=2"])
+    result = run(vgen_train_cmd(config, base["data"], tmp_path / "adapted"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = ckpt.list_checkpoints(tmp_path / "adapted")[-1]
+    model, ema = load_file(str(last / "model.safetensors")), load_file(str(last / "ema.safetensors"))
+    full = load_file(str(ckpt.list_checkpoints(gan_base)[-1] / "model.safetensors"))
+    d_keys = {k for k in full if k.startswith("d.")}
+    assert d_keys and d_keys <= set(model)  # D trains in full
+    assert {k for k in model if not k.startswith("d.")} == {f"g.{k}" for k in ema}
+    assert ema and all(k.endswith(("lora_A", "lora_B")) for k in ema)  # G: the factors alone
+    assert vgen_cli("generate", "red", "--run", tmp_path / "adapted", "-o", tmp_path / "g").exit_code == 0

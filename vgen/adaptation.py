@@ -62,9 +62,20 @@ def _run_manifest(run_dir: Path, key: str) -> dict:
     return read_manifest(run_dir / RUN_MANIFEST, "run", required=("config",))
 
 
-def describe_source(text: str, weights: str, kind: str, key: str = "init.from") -> dict:
+def recorded_init(run_dir: Path) -> dict | None:
+    """The `init` record of the run.yaml in `run_dir` (a run being resumed), if any."""
+    if not (run_dir / RUN_MANIFEST).is_file():
+        return None
+    record = read_manifest(run_dir / RUN_MANIFEST, "run").get("init")
+    return record if isinstance(record, dict) else None
+
+
+def describe_source(text: str, weights: str, kind: str, key: str = "init.from", warn=None) -> dict:
     """The record of `init.from` that run.yaml keeps: the run (absolute path), the step that
     `latest` meant when training started, which weights, and the checkpoint's sha256."""
+    from vgen.ui import warn as ui_warn
+
+    warn = warn or ui_warn
     run_dir, which = parse_init_source(text, key)
     manifest = _run_manifest(run_dir, key)
     source_kind = (manifest["config"] or {}).get("kind", "flow") if isinstance(manifest["config"], dict) else None
@@ -72,9 +83,12 @@ def describe_source(text: str, weights: str, kind: str, key: str = "init.from") 
         raise ConfigError(f"{key}: {run_dir} is a {source_kind} run; this config trains {kind}, and a run can only "
                           "start from a run of its own kind")
     try:
-        path, state = ckpt.resolve_checkpoint(run_dir, which)
+        path, state = ckpt.resolve_checkpoint(run_dir, which, warn=warn)
     except VgenError as e:
         raise ConfigError(f"{key}: {e}") from None
+    if manifest.get("status") == "running":
+        warn(f"{key}: {run_dir} is still training; its step {state['step']} may be rotated out of its checkpoints "
+             "later, and this run needs it to resume (an adapter run: to draw at all). Keep that checkpoint")
     return {"source": text, "run": str(run_dir.resolve()), "step": int(state["step"]), "weights": weights,
             "checkpoint_sha256": sha256_file(path / "checkpoint.yaml")}
 
@@ -109,7 +123,10 @@ def source_state(record: dict, model: nn.Module, ema_target: nn.Module, where: s
     if not isinstance(base, dict) or "run" not in base:
         raise ManifestError(f"{run_dir / RUN_MANIFEST}: an adapter run without the `init` record of its base")
     base_tensors = source_state(base, model, ema_target, str(run_dir / RUN_MANIFEST), depth + 1)
-    return merge_lora_tensors(base_tensors, tensors, cfg.adapter.alpha / cfg.adapter.rank)
+    try:
+        return merge_lora_tensors(base_tensors, tensors, cfg.adapter.alpha / cfg.adapter.rank)
+    except ValueError as e:
+        raise ManifestError(f"{path}: {e}") from None
 
 
 def load_exactly(module: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
@@ -156,10 +173,22 @@ class Adaptation:
     checkpoints hold (the trained tensors; the rest comes from the base)."""
 
     record: dict | None
+    source_manifest: dict | None  # the run.yaml of the run it starts from (read when the run starts fresh)
     model_keys: list[str] | None  # None: checkpoints hold every tensor
     ema_keys: list[str] | None
     trainable: int
     frozen: int
+
+    def file_metadata(self, cfg) -> dict[str, dict[str, str]] | None:
+        """What an adapter run's weight files say about themselves in their safetensors header: the
+        adapter and its base (run, step, sha256 of the base checkpoint's checkpoint.yaml)."""
+        if self.model_keys is None or cfg.adapter is None:
+            return None
+        about = {"format": "vgen-lora-adapter", "rank": str(cfg.adapter.rank), "alpha": str(cfg.adapter.alpha),
+                 "base_run": str(self.record["run"]), "base_step": str(self.record["step"]),
+                 "base_weights": str(self.record["weights"]),
+                 "base_checkpoint_sha256": str(self.record["checkpoint_sha256"])}
+        return {"model": about, "ema": about}
 
     def saved(self, tensors: dict[str, torch.Tensor], which: str) -> dict[str, torch.Tensor]:
         keys = self.model_keys if which == "model" else self.ema_keys
@@ -183,7 +212,10 @@ def load_adapter_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], ke
     if extra or missing:
         what = f"holds {extra[0]!r}, which the adapted network lacks" if extra else f"lacks {missing[0]!r}"
         raise ManifestError(f"{where}: {what}; it does not fit the run's adapter")
-    module.load_state_dict(tensors, strict=False)
+    try:
+        module.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:  # a tensor of another shape
+        raise ManifestError(f"{where}: {str(e).strip().splitlines()[-1].strip()}; it does not fit the run's adapter") from None
 
 
 def _add_adapter(family, adapter) -> None:
@@ -194,18 +226,51 @@ def _add_adapter(family, adapter) -> None:
         raise ConfigError(f"adapter.targets: {e}") from None
 
 
-def setup(cfg, family, previous: dict | None, resuming: bool, say=print) -> Adaptation:
-    """Before the EMA copy and the optimizers are made: load the start weights (a fresh run, or an
-    adapter run's base every time), freeze, add the adapter. `previous`: the init record of the
-    run.yaml being resumed (a resumed run keeps the step `latest` meant when it started)."""
-    init, adapter = cfg.init, cfg.adapter
-    if adapter is not None and init.source is None:
+def _check_adapter(cfg, family) -> None:
+    """An adapter adapts a generator, alone: refuse what it would silently undo."""
+    if cfg.adapter is None:
+        return
+    if cfg.init.source is None:
         raise ConfigError("adapter: an adapter trains on top of a base model; set init.from: run:BASE_RUN "
                           "(or --init-from)")
-    record = None
+    reason = type(family).why_no_images(cfg, Path("."))
+    if reason:
+        raise ConfigError(f"adapter: adapters are for generators, and this {cfg.kind} run is not one ({reason})")
+    mode = getattr(getattr(cfg, "text_encoder", None), "mode", "frozen")
+    if mode != "frozen":
+        raise ConfigError(f"adapter: the adapter is the only thing an adapter run trains; text_encoder.mode is "
+                          f"{mode!r} (set it to frozen, or train without adapter:)")
+    if cfg.freeze.params or cfg.freeze.train_last_blocks is not None:
+        raise ConfigError("freeze: an adapter run freezes the whole generator already (only the LoRA factors "
+                          "train); narrow adapter.targets instead")
+
+
+def _check_text_encoder(family, manifest: dict, key: str) -> None:
+    """A generator understands only the text features it was trained on."""
+    trained_with = (manifest.get("export") or {}).get("text_encoder")
+    current = getattr(getattr(family.ema_target(), "text_encoder", None), "id", None)
+    if trained_with and current and trained_with != current:
+        raise ConfigError(f"{key}: the source was trained with text encoder {trained_with}, but this config's "
+                          f"text_encoder.source gives {current}; set the source's text_encoder.source")
+
+
+def setup(cfg, family, previous: dict | None, resuming: bool, say=print, describe=None) -> Adaptation:
+    """Before the EMA copy and the optimizers are made: load the start weights (a fresh run, or an
+    adapter run's base every time), freeze, add the adapter. `previous`: the init record of the
+    run.yaml being resumed (a resumed run keeps the step `latest` meant when it started).
+    `describe(work)`: runs `work` once (on the main process) and gives every process its result, so
+    that all of them start from the same step of a source that is still training."""
+    init, adapter = cfg.init, cfg.adapter
+    _check_adapter(cfg, family)
+    record = source_manifest = None
     if init.source is not None:
         same = previous and previous.get("source") == init.source and previous.get("weights") == init.weights
-        record = previous if resuming and same else describe_source(init.source, init.weights, cfg.kind)
+        if resuming and same:
+            record = previous
+        else:
+            record = (describe or (lambda work: work()))(lambda: describe_source(init.source, init.weights, cfg.kind))
+            source_manifest = _run_manifest(Path(record["run"]), "init.from")
+            _check_text_encoder(family, source_manifest, "init.from")
         if not resuming or adapter is not None:
             where = f"init.from {init.source} (step {record['step']}, {init.weights} weights)"
             load_exactly(family.model, source_state(record, family.model, family.ema_target(), where), where)
@@ -226,7 +291,19 @@ def setup(cfg, family, previous: dict | None, resuming: bool, say=print) -> Adap
         # The adapted generator: only what trains; anything else of the model (a GAN's D): all of it.
         model_keys = [k for k in family.model.state_dict() if k not in own or k in learned]
         ema_keys = [k[len(prefix):] for k in model_keys if k in own]
-    return Adaptation(record, model_keys, ema_keys, trainable, frozen)
+    return Adaptation(record, source_manifest, model_keys, ema_keys, trainable, frozen)
+
+
+def inherit_prepared(family, prepared: dict, adapted: Adaptation, own_manifest: Path | None) -> dict:
+    """A run from another works in that run's model space: what the family measured on the data
+    before training (a latent codec's shift and scale) is taken from the source's run.yaml when
+    the run starts, and from its own (which recorded the source's) when it resumes. The family's
+    `restore` checks the codec is the same one (its sha256)."""
+    if adapted.record is None or not prepared:
+        return prepared
+    recorded = adapted.source_manifest if own_manifest is None else read_manifest(own_manifest, "run")
+    family.restore(recorded, str(own_manifest or Path(adapted.record["run"]) / RUN_MANIFEST))
+    return {key: recorded.get(key, value) for key, value in prepared.items()}
 
 
 def prepare_inference(cfg, family, manifest: dict, where: str) -> list[str] | None:

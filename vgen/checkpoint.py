@@ -79,15 +79,16 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict, keep: int,
-                    protect: tuple[int, ...] = ()) -> Path:
+                    protect: tuple[int, ...] = (), metadata: dict[str, dict[str, str]] | None = None) -> Path:
     """Write checkpoint `step` (tensors: file stem -> state dict) and keep only the newest `keep`,
-    besides those of the steps in `protect` (the best one)."""
+    besides those of the steps in `protect` (the best one). `metadata`: file stem -> the strings
+    its safetensors header carries (an adapter file names its base)."""
     root = run_dir / CHECKPOINT_DIR
     path = root / checkpoint_name(step)
     with atomic_directory(path, overwrite=True) as tmp:
         files = {}
         for stem, sd in tensors.items():
-            save_file(_contiguous(sd), str(tmp / f"{stem}.safetensors"))
+            save_file(_contiguous(sd), str(tmp / f"{stem}.safetensors"), metadata=(metadata or {}).get(stem))
             files[stem] = {"file": f"{stem}.safetensors", "sha256": sha256_file(tmp / f"{stem}.safetensors")}
         write_manifest(tmp / "checkpoint.yaml", "checkpoint", {"step": step, **state, "files": files})
     kept = {checkpoint_name(s) for s in protect}

@@ -79,9 +79,12 @@ def data_emoji_scenes(
       vgen data emoji-scenes rockets --count 600 --objects rocket --objects-share 0.5
     """
     from vgen.data.emoji_scenes import write_emoji_scenes
+    from vgen.errors import UsageError
     from vgen.ui import progress_bar, say, warn
 
     new = [n.strip() for n in objects.split(",") if n.strip()] if objects else []
+    if objects_share != 1.0 and not new:
+        raise UsageError("--objects-share: only with --objects (the share of scenes that hold a new object)")
     with progress_bar("emoji-scenes", total=count) as advance:
         summary = write_emoji_scenes(out_dir, count, seed=seed, overwrite=overwrite, progress=advance, warn=warn,
                                      new_objects=new, new_share=objects_share)

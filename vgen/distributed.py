@@ -67,9 +67,21 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """All-reduce a copy of `t` ('sum', 'mean' or 'max'); the identity in a single process."""
     if not dist.is_initialized():
         return t.clone()
-    out = t.clone()
+    # NCCL reduces CUDA tensors only; the flags and scalars the loop reduces are made on the CPU.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+    out = t.to(device, copy=True)
     dist.all_reduce(out, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    out = out.to(t.device)
     return out / dist.get_world_size() if op == "mean" else out
+
+
+def broadcast_object(obj):
+    """The main process's `obj` (a small picklable value made by vgen itself) on every process."""
+    if not dist.is_initialized():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def barrier() -> None:

@@ -93,7 +93,11 @@ def _select_checkpoints(run_dir: Path, which: str) -> list[int]:
         from vgen.manifest import read_manifest
         from vgen.runs import RUN_MANIFEST, best_step
 
-        return [best_step(run_dir, read_manifest(run_dir / RUN_MANIFEST, "run"))]
+        best = best_step(run_dir, read_manifest(run_dir / RUN_MANIFEST, "run"))
+        if best not in available:
+            raise UsageError(f"--checkpoints best: {run_dir} marks step {best} best, but its checkpoint is gone; "
+                             f"it has {', '.join(map(str, available))}")
+        return [best]
     if which == "all":
         return available
     try:

@@ -89,6 +89,8 @@ class LoopConfig:
 
     def __post_init__(self) -> None:
         check_bounds(self)
+        if self.early_stopping is not None and self.val_images == 0:
+            raise ValueError("early_stopping needs validation: train.val_images is 0")
 
 
 @dataclass

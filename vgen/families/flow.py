@@ -122,7 +122,7 @@ class FlowFamily(Family):
             self.resolution = net.image_size * codec.factor
         encoder = load_text_encoder(cfg.text_encoder).to(device)
         self.model = TextToImageFlow(build_network(net, encoder.width, encoder.embed_dim), encoder).to(device)
-        self._encoded: dict[int, torch.Tensor] = {}  # id(dataset) -> its standardized latents (latent codecs)
+        self._encoded: dict[int, torch.Tensor] = {}  # id(dataset) -> its latents (latent codecs), as encoded
 
     def prepare(self, train_set, val_set, on_main) -> dict:
         """A latent codec: encode both splits once (cached on disk, vgen.codecs.cache), and measure
@@ -136,9 +136,9 @@ class FlowFamily(Family):
         for dataset in dict.fromkeys([train_set, val_set]):
             on_main(lambda: encode_split(codec, dataset, sha, self.device))  # written once, then read by all
             self._encoded[id(dataset)] = encode_split(codec, dataset, sha, self.device, write=False)
+        # Standardized when read (_model_space), so that a run started from another (vgen.adaptation)
+        # can take that run's shift and scale through `restore` instead of these.
         self.space.shift, self.space.scale = ModelSpace.measure(self._encoded[id(train_set)])
-        for key, latents in self._encoded.items():
-            self._encoded[key] = self.space.standardize(latents)
         return {"codec": self.space.describe()}
 
     def restore(self, recorded: dict, where: str) -> None:
@@ -159,7 +159,7 @@ class FlowFamily(Family):
         """Dataset images `indices` in the space the network works in, on the device."""
         if self.space.codec.is_pixels:
             return images_to_float(torch.stack([dataset.image(i) for i in indices])).to(self.device)
-        return self._encoded[id(dataset)][indices].to(self.device)
+        return self.space.standardize(self._encoded[id(dataset)][indices]).to(self.device)
 
     def compile(self) -> None:
         """torch.compile the denoiser only: tokenizing and the text cache are Python, not graphs."""

@@ -28,8 +28,9 @@ class EarlyStopping:
                               f"run; it reports {', '.join(sorted(available)) or 'none'}")
 
     def update(self, step: int, metrics: dict) -> None:
-        self.check_metric(metrics)
-        value = float(metrics[self.cfg.metric])
+        """A validation's metrics; one without the metric (checked before training) counts as no
+        improvement rather than stopping the run half-way."""
+        value = float(metrics.get(self.cfg.metric, float("nan")))
         if self.best_value is None:
             better = math.isfinite(value)
         elif self.cfg.mode == "min":
@@ -48,6 +49,10 @@ class EarlyStopping:
 
     def state(self) -> dict:
         return {"best_step": self.best_step, "best_value": self.best_value, "since_best": self.since_best}
+
+    def describe(self) -> str:
+        best = "no finite value yet" if self.best_step is None else f"best {self.best_value:.5g} at step {self.best_step}"
+        return f"{self.cfg.metric} has not improved for {self.since_best} validations; {best}"
 
     def best(self) -> dict | None:
         """What run.yaml records as `best`."""

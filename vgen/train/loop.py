@@ -16,7 +16,6 @@ of processes.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import shutil
@@ -32,13 +31,14 @@ from vgen.families import build_family
 from vgen.data.dataset import (ImageCaptionDataset, dataset_content_sha256, dataset_sha256, load_dataset_manifest,
                                verify_dataset)
 from vgen.errors import ConfigError, VgenError
-from vgen.manifest import read_manifest, sha256_file, write_manifest
+from vgen.manifest import sha256_file, write_manifest
 from vgen import adaptation, checkpoint as ckpt
-from vgen.distributed import Distributed, all_reduce, barrier, init_distributed, shutdown
+from vgen.distributed import Distributed, all_reduce, barrier, broadcast_object, init_distributed, shutdown
 from vgen.train.early_stopping import EarlyStopping
 from vgen.train.ema import ema_decay, make_ema, update_ema
 from vgen.train.run_dir import METRICS_FILE, RUN_MANIFEST, check_checkpoints, check_same_run, claim_run_dir
 from vgen.train.precision import autocast_factory, choose_precision, enable_tf32
+from vgen.train.progress import MetricsFile, TrainProgress
 from vgen.randomness import SampleOrder
 from vgen.train.schedule import learning_rate
 from vgen.ui import console, say, warn
@@ -68,7 +68,8 @@ class _PhaseState:
         self.phase, self.name = phase, phase.name
         self.params = [p for p in phase.module.parameters() if p.requires_grad]
         if not self.params:
-            raise VgenError(f"phase {phase.name!r} has no trainable parameters")
+            raise ConfigError(f"phase {phase.name!r} has no trainable parameters (freeze.params or adapter "
+                              "left it nothing to train)")
         optim = phase.optim
         # The fused kernel: one pass over all parameters (on CPU 4x faster than the per-tensor loop).
         self.optimizer = torch.optim.AdamW(_param_groups(self.params, optim.weight_decay), lr=optim.lr,
@@ -109,26 +110,6 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-class _Metrics:
-    """metrics.jsonl: one JSON object per line; on resume, lines past the checkpoint are dropped so
-    the file reads as one uninterrupted run."""
-
-    def __init__(self, path: Path, resume_step: int):
-        self.path = path
-        if path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
-        self.file = open(path, "a", encoding="utf-8")
-
-    def write(self, row: dict) -> None:
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
-
-
 def train(cfg, data_dir: Path, run_dir: Path, start_over: bool = False) -> dict | None:
     """Train (or resume) a run of `cfg` on the dataset at `data_dir` into `run_dir`; returns the
     summary `vgen train --json` prints (on the main process; None on the others).
@@ -162,14 +143,6 @@ def _on_main(dist: Distributed, work):
     return result
 
 
-def _recorded_init(run_dir: Path) -> dict | None:
-    """The `init` record of the run.yaml in `run_dir` (a run being resumed), if any."""
-    if not (run_dir / RUN_MANIFEST).is_file():
-        return None
-    record = read_manifest(run_dir / RUN_MANIFEST, "run").get("init")
-    return record if isinstance(record, dict) else None
-
-
 def _train(cfg, data_dir: Path, run_dir: Path, dist: Distributed, start_over: bool) -> dict:
     loop, device = cfg.train, dist.device
     if loop.batch_size % dist.world_size:
@@ -192,8 +165,11 @@ def _train(cfg, data_dir: Path, run_dir: Path, dist: Distributed, start_over: bo
     model = family.model
     found = ckpt.latest_checkpoint(run_dir, warn=warn)
     # init.from / adapter / freeze (vgen.adaptation), before the EMA copy and the optimizers exist
-    adapted = adaptation.setup(cfg, family, _recorded_init(run_dir), resuming=found is not None,
-                               say=say if dist.is_main else (lambda *a, **k: None))
+    adapted = adaptation.setup(cfg, family, adaptation.recorded_init(run_dir), resuming=found is not None,
+                               say=say if dist.is_main else (lambda *a, **k: None),
+                               describe=lambda work: broadcast_object(_on_main(dist, work)))
+    # A run from another works in that run's space: its codec's recorded shift and scale, not new ones.
+    prepared = adaptation.inherit_prepared(family, prepared, adapted, run_dir / RUN_MANIFEST if found else None)
     ema_target = family.ema_target()
     ema = make_ema(ema_target, share=family.shared_modules())
     phases = family.phases()
@@ -225,8 +201,8 @@ def _train(cfg, data_dir: Path, run_dir: Path, dist: Distributed, start_over: bo
     stopper = None
     if loop.early_stopping is not None:
         stopper = EarlyStopping(loop.early_stopping, stopping_state)
-        if dist.is_main:  # one image: which metrics the family reports, before any time is spent
-            stopper.check_metric(family.validate(model, ema, val_set, 1, autocast))
+        # Which metrics the family reports, before any time is spent (a validation as any other).
+        _on_main(dist, lambda: stopper.check_metric(family.validate(model, ema, val_set, loop.val_images, autocast)))
 
     if loop.compile:
         if device.type == "cpu" and not _cpp_compiler():
@@ -278,7 +254,8 @@ def _train(cfg, data_dir: Path, run_dir: Path, dist: Distributed, start_over: bo
             ckpt.save_checkpoint(run_dir, step, {"model": adapted.saved(model.state_dict(), "model"),
                                                  "ema": adapted.saved(ema.state_dict(), "ema"),
                                                  "optimizer": tensors}, state, loop.keep_checkpoints,
-                                 protect=(stopper.best_step,) if stopper and stopper.best_step is not None else ())
+                                 protect=(stopper.best_step,) if stopper and stopper.best_step is not None else (),
+                                 metadata=adapted.file_metadata(cfg))
             manifest("running", step)
         barrier()
 
@@ -289,7 +266,7 @@ def _train(cfg, data_dir: Path, run_dir: Path, dist: Distributed, start_over: bo
     manifest("running", start_step)
     step, metrics, export, last = start_step, None, None, {}
     try:
-        metrics = _Metrics(run_dir / METRICS_FILE, start_step) if dist.is_main else None
+        metrics = MetricsFile(run_dir / METRICS_FILE, start_step) if dist.is_main else None
         if dist.is_main:
             (run_dir / "samples").mkdir(exist_ok=True)
             n_params = sum(p.numel() for state in states for p in state.params)
@@ -300,7 +277,7 @@ def _train(cfg, data_dir: Path, run_dir: Path, dist: Distributed, start_over: bo
         if loop.steps == 0 and found is None:
             save(0)  # train.steps=0: the initialised network (EMA = weights), e.g. the baseline of an evaluation
         window_start, window_images = time.perf_counter(), 0
-        with _StopRequest() as stop, _progress(dist.is_main, start_step, loop.steps) as progress:
+        with _StopRequest() as stop, TrainProgress(dist.is_main, start_step, loop.steps) as progress:
             while step < loop.steps and early_stopped is None:
                 first = step * loop.batch_size + dist.rank * local_batch
                 batch = family.make_batch(train_set, order, step, list(range(first, first + local_batch)))
@@ -389,8 +366,7 @@ def _train(cfg, data_dir: Path, run_dir: Path, dist: Distributed, start_over: bo
                 if stop_early and dist.is_main:
                     early_stopped = {"step": step, "best_step": stopper.best_step, "metric": stopper.cfg.metric,
                                      "patience": stopper.cfg.patience}
-                    say(f"early stopping at step {step}: {stopper.cfg.metric} has not improved for "
-                        f"{stopper.since_best} validations; best {stopper.best_value:.5g} at step {stopper.best_step}")
+                    say(f"early stopping at step {step}: {stopper.describe()}")
                 if step % loop.checkpoint_every == 0 or step == loop.steps or stop_now or new_best or stop_early:
                     save(step)
                 if stop_now or stop_early:
@@ -417,39 +393,3 @@ def _train(cfg, data_dir: Path, run_dir: Path, dist: Distributed, start_over: bo
             "images_seen": step * loop.batch_size, "precision": precision, "nonfinite_skipped": nonfinite,
             "done": done, "last": last,
             "checkpoints": [str(p.resolve()) for p in ckpt.list_checkpoints(run_dir)], "export": export}
-
-
-class _progress:
-    """Rich live progress in steps with the losses (and a family's other logged scalars) and
-    images/s (main process only)."""
-
-    def __init__(self, enabled: bool, start: int, total: int):
-        self.enabled, self.start, self.total = enabled, start, total
-
-    @staticmethod
-    def _scalars(row: dict) -> str:
-        return "  ".join(f"{key} {value:.4f}" for key, value in row.items())
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda *a: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[scalars]}  {task.fields[rate]:,.0f} img/s"),
-                            TextColumn("eta"), TimeRemainingColumn(), console=console)
-        if not console.is_terminal:  # a log file: a plain line every 30 s instead of a live bar
-            last = [0.0]
-
-            def log_line(step, row, rate):
-                if time.monotonic() - last[0] >= 30 or step == self.total:
-                    last[0] = time.monotonic()
-                    console.print(f"step {step}/{self.total}  {self._scalars(row)}  {rate:,.0f} img/s", highlight=False)
-            return log_line
-        self.bar.__enter__()
-        task = self.bar.add_task("train", total=self.total, completed=self.start, scalars="", rate=0.0)
-        return lambda step, row, rate: self.bar.update(task, completed=step, scalars=self._scalars(row), rate=rate)
-
-    def __exit__(self, *exc):
-        if self.enabled and console.is_terminal:
-            self.bar.__exit__(*exc)
