@@ -77,6 +77,28 @@ def test_merged_tensors_equal_the_parametrized_model_and_scale_zero_is_the_base(
     assert torch.equal(net2.attn.q(x), plain.attn.q(x))
 
 
+def test_default_adapter_targets_reach_attention_and_mlp_of_every_generator_network():
+    from vgen.families.config import DEFAULT_ADAPTER_TARGETS
+    from vgen.models.ar import ArNetworkConfig, TokenTransformer
+    from vgen.models.dit import DiT, DiTConfig
+    from vgen.models.gan import Generator, GeneratorConfig
+    from vgen.models.unet import UNet, UNetConfig
+
+    networks = {
+        "dit": DiT(DiTConfig(image_size=16, patch_size=4, width=32, depth=2, heads=2), 16, 8),
+        "unet": UNet(UNetConfig(), 16, 8),
+        "gan": Generator(GeneratorConfig(z_dim=8, width=32, heads=2), 16, 3, 16, 8),
+        "ar": TokenTransformer(ArNetworkConfig(width=32, depth=2, heads=2, conditioning="cross"), 11, 3, text_width=16),
+    }
+    for name, network in networks.items():
+        add_lora(network, 2, 2.0, DEFAULT_ADAPTER_TARGETS)
+        adapted = {k.split(".parametrizations.")[0] for k in lora_state_dict(network)}
+        assert any("attn" in k for k in adapted), name
+        if name in ("dit", "ar"):  # the UNet's and the GAN's other layers are convolutions
+            assert any(k.endswith(("mlp.0", "mlp.2", "gate_up", "down", "cross.q")) for k in adapted), (name, adapted)
+        assert all(not p.requires_grad for n, p in network.named_parameters() if "lora_" not in n), name
+
+
 def test_init_source_parsing_and_the_from_key():
     assert parse_init_source("run:runs/a") == (Path("runs/a"), "latest")
     assert parse_init_source("run:runs/a@1500") == (Path("runs/a"), 1500)

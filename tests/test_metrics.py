@@ -19,10 +19,9 @@ from vgen.evaluate.features import (
     InceptionFeatures,
     inception_weights_path,
     load_clip_features,
-    reference_cache_path,
-    reference_features,
     resize_float,
 )
+from vgen.evaluate.reference import reference_cache_path, reference_features
 from vgen.evaluate.metrics import (
     FeatureStatistics,
     clip_score,

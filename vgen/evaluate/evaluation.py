@@ -147,7 +147,7 @@ def _extract(extractor, images: torch.Tensor, what: str, options: EvalOptions, p
 
 def _reference_features(data_dir: Path, extractor, split: str, options: EvalOptions, progress: ProgressFactory):
     from vgen.data.dataset import ImageCaptionDataset
-    from vgen.evaluate.features import reference_features, reference_is_cached
+    from vgen.evaluate.reference import reference_features, reference_is_cached
 
     total = 0 if reference_is_cached(data_dir, extractor, split) else len(ImageCaptionDataset(data_dir, split))
     with progress(f"{extractor.name} {split} split (reference, cached after)", total) as advance:

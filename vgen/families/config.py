@@ -104,8 +104,9 @@ class InitConfig:
 
 # Globs over the generator's parameter names: every attention projection (self- and cross-attention,
 # the text refiner's too) and MLP layer of the flow networks, the GAN generator and the AR transformer.
-DEFAULT_ADAPTER_TARGETS = ("*attn.q.weight", "*attn.kv.weight", "*attn.out.weight", "*cross.q.weight",
-                           "*cross.kv.weight", "*cross.out.weight", "*mlp.*.weight")
+DEFAULT_ADAPTER_TARGETS = ("*attn.q.weight", "*attn.kv.weight", "*attn.qkv.weight", "*attn.out.weight",
+                           "*cross.q.weight", "*cross.kv.weight", "*cross.out.weight", "*mlp.*.weight",
+                           "*.gate_up.weight", "*.down.weight")
 
 
 @dataclass

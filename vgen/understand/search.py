@@ -1,7 +1,7 @@
 """Text -> image and image -> image search over a vgen dataset with a CLIP.
 
 The index is the L2-normalised CLIP image embedding of every image of the dataset's splits,
-computed once and cached in the dataset dir (vgen.evaluate.features.reference_features: keyed by
+computed once and cached in the dataset dir (vgen.evaluate.reference.reference_features: keyed by
 the CLIP's weights sha256 and the dataset manifest's sha256, written atomically), so an index
 never outlives the model or the data it was made from. A query is one matrix product with all of
 it: exact cosine search, no approximation.
@@ -45,7 +45,7 @@ class SearchIndex:
     def build(cls, dataset_dir: Path, clip, split: str = ALL_SPLITS,
               advance: Callable[[int], None] | None = None) -> SearchIndex:
         """`clip`: vgen.evaluate.features.ClipFeatures. `split`: one of the dataset's splits or all."""
-        from vgen.evaluate.features import reference_features
+        from vgen.evaluate.reference import reference_features
 
         if split != ALL_SPLITS and split not in SPLITS:
             raise UsageError(f"--split: expected {ALL_SPLITS} or one of {', '.join(SPLITS)}, got {split!r}")
