@@ -32,7 +32,7 @@ def _local_repo(repo: str, source: str) -> Path:
     try:
         root = Path(snapshot_download(repo_id, local_files_only=True))
     except Exception as e:  # noqa: BLE001 - LocalEntryNotFoundError, and the hub's validation errors
-        from vgen.text.sources import hf_hub_cache_dir
+        from vgen.text.hub import hf_hub_cache_dir
 
         raise MissingDependencyError(
             f"codec {source}: {repo} is neither a local directory nor in the Hugging Face cache "

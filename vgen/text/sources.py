@@ -21,19 +21,17 @@ import difflib
 import json
 import logging
 import os
-import socket
-import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlparse
 
 from vgen.atomic import atomic_directory
 from vgen.config import bounded, check_bounds
 from vgen.errors import ManifestError, MissingDependencyError, UsageError, VgenError
 from vgen.manifest import read_manifest, resolve_inside, sha256_file
+from vgen.text.hub import cached_hub_file, hf_hub_cache_dir, hub_file_candidates, offline
 
 LOCAL_DIR_PREFIX = "local-dir:"
 RUN_PREFIX = "run:"
@@ -42,7 +40,6 @@ RANDOM_SEED = 0  # `random` is a fixed function of `arch`, so its id names one s
 EXPORT_FORMAT = "open_clip-local-dir"  # `export.format` in the run.yaml of a CLIP run
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"  # open_clip's preferred name in a local-dir / hub repo
-_PROBE_TIMEOUT_S = 2.0
 
 _HOW_TO_PROVIDE = (
     "To provide the weights, either\n"
@@ -134,82 +131,6 @@ def looks_like_path(source: str) -> bool:
 # --- pretrained tags ---------------------------------------------------------------------------
 
 
-def hf_hub_cache_dir(cache_dir: str | None = None) -> Path:
-    """The Hugging Face hub cache, resolved now (huggingface_hub reads the variables at import)."""
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(var):
-            return Path(os.environ[var]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
-    return Path(xdg).expanduser() / "huggingface" / "hub"
-
-
-def _hub_file_candidates(hf_hub: str) -> tuple[str, list[str]]:
-    """Repo id and the file names open_clip would try, in its order, for a registry `hf_hub` entry.
-
-    The registry writes 'org/repo/' (default file name) or 'org/repo/file'; open_clip prefers a
-    safetensors twin of a pickle name (open_clip.pretrained.download_pretrained_from_hf).
-    """
-    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
-
-    repo_id, filename = os.path.split(hf_hub)
-    filename = filename or HF_WEIGHTS_NAME
-    if filename == HF_WEIGHTS_NAME:
-        return repo_id, [HF_SAFE_WEIGHTS_NAME, filename]
-    if filename.endswith((".bin", ".pth")):
-        return repo_id, [filename[:-4] + ".safetensors", filename]
-    return repo_id, [filename]
-
-
-def _cached_hub_file(repo_id: str, filenames: list[str], cache_dir: Path) -> str | None:
-    from huggingface_hub import try_to_load_from_cache
-
-    for filename in filenames:
-        found = try_to_load_from_cache(repo_id, filename, cache_dir=str(cache_dir))
-        if isinstance(found, str):  # otherwise None, or a marker that the hub has no such file
-            return found
-    return None
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def hub_reachable(timeout: float = _PROBE_TIMEOUT_S) -> bool:
-    """Whether a TCP connection to the Hugging Face endpoint opens within `timeout` seconds.
-
-    Run in a daemon thread because name resolution ignores socket timeouts: on a machine without
-    DNS it can hang for tens of seconds, and we want an offline machine to fail in seconds.
-    """
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    host = endpoint.hostname or "huggingface.co"
-    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
-    result: list[bool] = []
-
-    def probe() -> None:
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                result.append(True)
-        except OSError:
-            result.append(False)
-
-    thread = threading.Thread(target=probe, name="vgen-hub-probe", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(result and result[0])
-
-
-def _offline() -> bool:
-    if _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE"):
-        return True
-    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
-        return False  # connections go through the proxy; a direct probe would say nothing
-    return not hub_reachable()
-
-
 def _load_pretrained_tag(cfg: TextEncoderConfig, model_cfg: dict) -> LoadedClip:
     import open_clip
 
@@ -226,10 +147,10 @@ def _load_pretrained_tag(cfg: TextEncoderConfig, model_cfg: dict) -> LoadedClip:
         )
     cache_dir = hf_hub_cache_dir(cfg.cache_dir)
     hf_hub = pretrained_cfg.get("hf_hub", "")
-    cached = _cached_hub_file(*_hub_file_candidates(hf_hub), cache_dir) if hf_hub else None
+    cached = cached_hub_file(*hub_file_candidates(hf_hub), cache_dir) if hf_hub else None
     if cached is None:
         how_to = _HOW_TO_PROVIDE.format(arch=arch, tag=tag, cache=cache_dir)
-        if _offline():
+        if offline():
             raise MissingDependencyError(
                 f"text encoder weights '{arch}/{tag}' are not in the Hugging Face cache ({cache_dir}) "
                 f"and this machine is offline.\n{how_to}"
@@ -240,7 +161,7 @@ def _load_pretrained_tag(cfg: TextEncoderConfig, model_cfg: dict) -> LoadedClip:
             )
         except Exception as e:  # noqa: BLE001 - hub/network errors come in many types
             raise MissingDependencyError(f"could not download '{arch}/{tag}': {e}\n{how_to}") from e
-        cached = _cached_hub_file(*_hub_file_candidates(hf_hub), cache_dir) if hf_hub else None
+        cached = cached_hub_file(*hub_file_candidates(hf_hub), cache_dir) if hf_hub else None
     else:
         _warn_quick_gelu_mismatch(arch, tag, model_cfg, pretrained_cfg)
         # A file path as `pretrained` makes open_clip load exactly that file: no hub call at all.
