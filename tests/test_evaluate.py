@@ -20,7 +20,7 @@ from tests.test_train import TINY_FLOW
 from tests.train_fixtures import tiny_text_encoder
 from vgen.config import apply_overrides
 from vgen.data import emoji_scenes as es
-from vgen.data.dataset import ImageCaptionDataset
+from vgen.data.dataset import CACHE_DIR, ImageCaptionDataset
 from vgen.errors import MissingDependencyError
 from vgen.evaluate import features as FE
 from vgen.evaluate import judge as J
@@ -108,7 +108,7 @@ def test_metrics_on_known_sets(assets, judge_cache, tmp_path):
     assert fid["extractor_id"] == f"inception:{FE.INCEPTION_SHA256[:12]}" and fid["weights_sha256"] == FE.INCEPTION_SHA256
     assert "clean-fid" in fid["extractor"]["resize"]
     # The reference features were cached in the dataset dir, keyed by the extractor id.
-    assert (assets["data"] / FE.CACHE_DIR / f"reference-inception_{FE.INCEPTION_SHA256[:12]}-val.safetensors").is_file()
+    assert (assets["data"] / CACHE_DIR / f"reference-inception_{FE.INCEPTION_SHA256[:12]}-val.safetensors").is_file()
 
 
 @pytest.mark.slow
