@@ -123,3 +123,17 @@ def json_safe(value: Any) -> Any:
 def print_json(summary: Any) -> None:
     """The --json summary: alone on stdout (everything else vgen prints goes to stderr)."""
     print(json.dumps(json_safe(summary), indent=2, ensure_ascii=False, allow_nan=False, default=str))
+
+
+def finite_float(text: str) -> float:
+    """Parser of every float option: click's FLOAT takes nan and inf, and a range check lets nan
+    through (every comparison with it is false)."""
+    import typer
+
+    try:
+        number = float(text)
+    except (TypeError, ValueError):
+        raise typer.BadParameter(f"{text!r} is not a number") from None
+    if not math.isfinite(number):
+        raise typer.BadParameter(f"{text!r} is not a finite number")
+    return number

@@ -15,7 +15,8 @@ import torch
 
 from vgen.atomic import atomic_directory
 from vgen.evaluate.evaluation import (EVALUATION_MANIFEST, INCEPTION_METRICS, EvalOptions, ImageSet, Log,
-                                      ProgressFactory, headline, inception_metrics, options_record, write_evaluation)
+                                      ProgressFactory, inception_metrics, options_record, write_evaluation)
+from vgen.evaluate.summary import headline
 from vgen.grid import images_to_float, make_grid, to_uint8
 from vgen.outputs import claim_output_dir
 

@@ -31,17 +31,16 @@ from vgen.evaluate.evaluation import (
     EVALUATION_MANIFEST,
     EvalOptions,
     ImageSet,
-    caveats,
     Log,
     ProgressFactory,
     clip_metrics,
     compositional_metrics,
     evaluate_sets,
-    headline,
     options_record,
     read_generation_dir,
     write_evaluation,
 )
+from vgen.evaluate.summary import caveats, headline
 
 BENCHMARKS = ("emoji-scenes",)
 
