@@ -44,6 +44,14 @@ from vgen.train.schedule import learning_rate
 from vgen.ui import console, say, warn
 
 
+def _eager():
+    """Validation and samples run the networks eagerly: under no_grad a compiled module traces and
+    compiles a second graph (about 30 s cold on 2 CPU cores) for a few batches. torch < 2.6 has no
+    set_stance and compiles that graph."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
 def _cpp_compiler() -> str | None:
     """The C++ compiler TorchInductor would use for CPU kernels ($CXX, else g++ or clang++)."""
     names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++"]
@@ -350,13 +358,15 @@ def _train(cfg, data_dir: Path, run_dir: Path, dist: Distributed, start_over: bo
                         progress(step, row, rate)
                     window_start, window_images = time.perf_counter(), 0
                 if dist.is_main and (step % loop.val_every == 0 or step == loop.steps):
-                    last["validation"] = {"step": step, "images_seen": step * loop.batch_size,
-                                          **family.validate(model, ema, val_set, loop.val_images, autocast)}
+                    with _eager():
+                        measured = family.validate(model, ema, val_set, loop.val_images, autocast)
+                    last["validation"] = {"step": step, "images_seen": step * loop.batch_size, **measured}
                     metrics.write(last["validation"])
                     if stopper is not None:
                         stopper.update(step, last["validation"])
                 if dist.is_main and (step % loop.sample_every == 0 or step == loop.steps):
-                    family.write_samples(ema, run_dir / "samples" / f"step-{step:08d}.png", autocast)
+                    with _eager():
+                        family.write_samples(ema, run_dir / "samples" / f"step-{step:08d}.png", autocast)
                 # Decided on the main process (validation runs there), acted on by every process.
                 flags = all_reduce(torch.tensor([float(stop.requested), float(bool(stopper and stopper.improved)),
                                                  float(bool(stopper and stopper.should_stop))]), "max").tolist()
