@@ -176,8 +176,7 @@ class Adaptation:
     source_manifest: dict | None  # the run.yaml of the run it starts from (read when the run starts fresh)
     model_keys: list[str] | None  # None: checkpoints hold every tensor
     ema_keys: list[str] | None
-    trainable: int
-    frozen: int
+    frozen: int  # parameters that do not train (the start line reports them)
 
     def file_metadata(self, cfg) -> dict[str, dict[str, str]] | None:
         """What an adapter run's weight files say about themselves in their safetensors header: the
@@ -279,9 +278,7 @@ def setup(cfg, family, previous: dict | None, resuming: bool, say=print, describ
     _freeze(family, cfg.freeze)
     if adapter is not None:
         _add_adapter(family, adapter)
-    params = list(family.model.parameters())
-    trainable = sum(p.numel() for p in params if p.requires_grad)
-    frozen = sum(p.numel() for p in params if not p.requires_grad)
+    frozen = sum(p.numel() for p in family.model.parameters() if not p.requires_grad)
     model_keys = ema_keys = None
     if adapter is not None:
         target = family.ema_target()
@@ -291,7 +288,7 @@ def setup(cfg, family, previous: dict | None, resuming: bool, say=print, describ
         # The adapted generator: only what trains; anything else of the model (a GAN's D): all of it.
         model_keys = [k for k in family.model.state_dict() if k not in own or k in learned]
         ema_keys = [k[len(prefix):] for k in model_keys if k in own]
-    return Adaptation(record, source_manifest, model_keys, ema_keys, trainable, frozen)
+    return Adaptation(record, source_manifest, model_keys, ema_keys, frozen)
 
 
 def inherit_prepared(family, prepared: dict, adapted: Adaptation, own_manifest: Path | None) -> dict:
@@ -316,8 +313,7 @@ def prepare_inference(cfg, family, manifest: dict, where: str) -> list[str] | No
     if not isinstance(record, dict) or "run" not in record:
         raise ManifestError(f"{where}: an adapter run without the `init` record of its base")
     load_exactly(family.model, source_state(record, family.model, family.ema_target(), where), where)
-    _freeze(family, cfg.freeze)
-    _add_adapter(family, cfg.adapter)
+    _add_adapter(family, cfg.adapter)  # (an adapter run freezes nothing else: _check_adapter refuses freeze)
     return [n for n, p in family.ema_target().named_parameters() if p.requires_grad]  # the factors
 
 
