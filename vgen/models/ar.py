@@ -29,6 +29,14 @@ from vgen.config import bounded, check_bounds
 from vgen.models.layers import Attention, TextRefinement, attention
 
 
+@torch.compiler.disable
+def _embed_eagerly(embed: nn.Embedding, tokens: torch.Tensor) -> torch.Tensor:
+    """The token lookup outside torch.compile: compiled, its backward is a scatter-add that
+    inductor's CPU kernels parallelise with atomic adds, and two runs with 2 threads differed in
+    the last bits of the loss by step 15; eager PyTorch accumulates in a fixed order."""
+    return embed(tokens)
+
+
 @dataclass
 class ArNetworkConfig:
     width: int = bounded(256, ge=8)
@@ -191,7 +199,7 @@ class TokenTransformer(TextRefinement, nn.Module):
         """Teacher forcing: tokens [B, N] (raster order) -> logits [B, N, codebook], row k from the
         caption and tokens 0 .. k - 1."""
         prefix, keys, text, text_mask = self._prefix(features)
-        x = torch.cat([prefix, self.embed(tokens[:, :-1]).to(prefix.dtype)], dim=1)
+        x = torch.cat([prefix, _embed_eagerly(self.embed, tokens[:, :-1]).to(prefix.dtype)], dim=1)
         keys = torch.cat([keys, torch.ones_like(tokens[:, :-1], dtype=torch.bool)], dim=1)
         P = prefix.shape[1]
         return self._run(x, keys, 0, P, text, text_mask, [None] * len(self.blocks))[:, P - 1:]
