@@ -16,9 +16,7 @@ of processes.
 from __future__ import annotations
 
 import contextlib
-import os
 import platform
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -34,6 +32,7 @@ from vgen.errors import ConfigError, VgenError
 from vgen.manifest import sha256_file, write_manifest
 from vgen import adaptation, checkpoint as ckpt
 from vgen.distributed import Distributed, all_reduce, barrier, broadcast_object, init_distributed, shutdown
+from vgen.train.compiling import cpp_compiler, eager
 from vgen.train.early_stopping import EarlyStopping
 from vgen.train.ema import ema_decay, make_ema, update_ema
 from vgen.train.run_dir import METRICS_FILE, RUN_MANIFEST, check_checkpoints, check_same_run, claim_run_dir
@@ -42,20 +41,6 @@ from vgen.train.progress import MetricsFile, TrainProgress
 from vgen.randomness import SampleOrder
 from vgen.train.schedule import learning_rate
 from vgen.ui import console, say, warn
-
-
-def _eager():
-    """Validation and samples run the networks eagerly: under no_grad a compiled module traces and
-    compiles a second graph (about 30 s cold on 2 CPU cores) for a few batches. torch < 2.6 has no
-    set_stance and compiles that graph."""
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
-
-
-def _cpp_compiler() -> str | None:
-    """The C++ compiler TorchInductor would use for CPU kernels ($CXX, else g++ or clang++)."""
-    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++"]
-    return next((path for name in names if (path := shutil.which(name))), None)
 
 
 def _gpu_memory(device: torch.device) -> dict:
@@ -213,7 +198,7 @@ def _train(cfg, data_dir: Path, run_dir: Path, dist: Distributed, start_over: bo
         _on_main(dist, lambda: stopper.check_metric(family.validate(model, ema, val_set, loop.val_images, autocast)))
 
     if loop.compile:
-        if device.type == "cpu" and not _cpp_compiler():
+        if device.type == "cpu" and not cpp_compiler():
             console.print("[yellow]train.compile: torch.compile needs a C++ compiler on CPU and none was found "
                           "(install g++, or set CXX); training without it[/]")
         else:
@@ -358,14 +343,14 @@ def _train(cfg, data_dir: Path, run_dir: Path, dist: Distributed, start_over: bo
                         progress(step, row, rate)
                     window_start, window_images = time.perf_counter(), 0
                 if dist.is_main and (step % loop.val_every == 0 or step == loop.steps):
-                    with _eager():
+                    with eager():
                         measured = family.validate(model, ema, val_set, loop.val_images, autocast)
                     last["validation"] = {"step": step, "images_seen": step * loop.batch_size, **measured}
                     metrics.write(last["validation"])
                     if stopper is not None:
                         stopper.update(step, last["validation"])
                 if dist.is_main and (step % loop.sample_every == 0 or step == loop.steps):
-                    with _eager():
+                    with eager():
                         family.write_samples(ema, run_dir / "samples" / f"step-{step:08d}.png", autocast)
                 # Decided on the main process (validation runs there), acted on by every process.
                 flags = all_reduce(torch.tensor([float(stop.requested), float(bool(stopper and stopper.improved)),
