@@ -1,5 +1,5 @@
-"""Training throughput of GAN variants side by side: the images/s of one full GAN step (D phase,
-then G phase, each with its optimizer) for a config and for the same config with `--set` changes.
+"""Training throughput of GAN variants side by side: the images/s of one full GAN step (the
+family's phases in order, each with its optimizer) for a config and for the same config with `--set` changes.
 
 Each variant is built from the config with its changes, and all of them train on the same demo
 batches, interleaved step by step (so load from other processes hits all alike), with R1 on every

@@ -27,6 +27,8 @@ TINY_GAN = [
 # groups of 8 here, hard wrong captions, position-aware queries in G.
 CONTRASTIVE = ["gan.contrastive_weight=1.0", "gan.contrastive_group=8", "gan.mismatch_hard=0.5",
                "gan.generator.position_queries=true"]
+# The config's feature matching (G matches D's feature map of the real image of its caption).
+FEATURE_MATCHING = ["gan.feature_matching_weight=4.0"]
 
 
 @pytest.fixture(scope="module")
@@ -429,6 +431,67 @@ def test_reconstruction_term_known_answer(tiny_clip):
         train_config_from_dict({"kind": "gan", "gan": {"image_size": 16, "reconstruction_size": 5}})
 
 
+def test_feature_matching_term_known_answer(tiny_clip):
+    """gan.feature_matching_weight adds w * mean |D_map(aug G(z, caption)) - D_map(aug x)| / mean |D_map(aug x)|
+    to G's loss (D's 4 x 4 feature map, both images with G's augmentation view): zero when G draws the
+    real image itself; refused without the conv discriminator."""
+    from vgen.families import build_family
+    from vgen.families.gan import VIEW_FAKE_G
+
+    cfg = train_config_from_dict({"kind": "gan", "text_encoder": {"source": f"local-dir:{tiny_clip}"},
+                                  "gan": {"image_size": 16, "augment": ["translation"],
+                                          "generator": {"width": 32, "z_dim": 8}, "discriminator": {"width": 8}}})
+    family = build_family(cfg, 16, torch.device("cpu"))
+    torch.manual_seed(0)
+    batch = {"real": torch.rand(2, 3, 16, 16) * 2 - 1, "captions": ["red", "blue"], "wrong_captions": ["blue", "red"],
+             "wrong_hard": torch.tensor([False, False]), "z": torch.randn(2, 8), "augment": torch.rand(2, 4, 7)}
+    d = family.model.d
+    with torch.no_grad():
+        fake = family.model.g(batch["z"], batch["captions"])
+        base, _ = family.g_loss(family.model.g, batch, 0)
+        family.cfg.gan.feature_matching_weight = 2.0
+        loss, logs = family.g_loss(family.model.g, batch, 0)
+        fake_map, real_map = (d.feature_map(family._augment(x, batch, VIEW_FAKE_G)) for x in (fake, batch["real"]))
+        expected = (fake_map - real_map).abs().mean() / real_map.abs().mean()
+        torch.testing.assert_close(logs["g_fm"], expected)
+        torch.testing.assert_close(loss, base + 2.0 * expected)
+        _, logs = family.g_loss(family.model.g, {**batch, "real": fake}, 0)
+        assert logs["g_fm"] == 0
+    with pytest.raises(ConfigError, match="feature_matching_weight needs discriminator.backbone: conv"):
+        train_config_from_dict({"kind": "gan", "gan": {"feature_matching_weight": 1.0,
+                                                       "discriminator": {"backbone": "clip"}}})
+
+
+def test_d_phase_judges_the_images_of_the_g_phase(tiny_clip):
+    """The phases run g then d; d judges the images G drew in that step's g phase (one generator
+    pass a step), and draws its own when it runs alone or on another batch."""
+    from vgen.families import build_family
+
+    cfg = train_config_from_dict({"kind": "gan", "text_encoder": {"source": f"local-dir:{tiny_clip}"},
+                                  "gan": {"image_size": 16, "generator": {"width": 32, "z_dim": 8},
+                                          "discriminator": {"width": 8}}})
+    family = build_family(cfg, 16, torch.device("cpu"))
+    assert [phase.name for phase in family.phases()] == ["g", "d"]
+    calls = []
+    family.model.g.generator.register_forward_hook(lambda module, args, out: calls.append(out.detach()))
+
+    def batch():
+        return {"real": torch.rand(2, 3, 16, 16) * 2 - 1, "captions": ["red", "blue"],
+                "wrong_captions": ["blue", "red"], "wrong_hard": torch.tensor([False, False]),
+                "z": torch.randn(2, 8), "augment": torch.rand(2, 4, 7)}
+
+    torch.manual_seed(0)
+    first, second = batch(), batch()
+    family.g_loss(family.model.g, first, 0)
+    family.d_loss(family.model.d, first, 0)
+    assert len(calls) == 1  # d reused g's images
+    family.d_loss(family.model.d, second, 1)  # no g phase for this batch: d draws
+    assert len(calls) == 2
+    family.g_loss(family.model.g, first, 0)
+    family.d_loss(family.model.d, second, 1)  # g's images were for another batch
+    assert len(calls) == 4
+
+
 @pytest.mark.slow
 def test_gan_learns_colour_names(assets, tmp_path, vgen_cli):
     """A colour name -> a square of that colour, from one generator call; D's accuracies logged."""
@@ -490,18 +553,20 @@ def test_gan_refuses_sampler_flags(assets, tmp_path, vgen_cli):
 
 @pytest.mark.slow
 def test_gan_resume_after_sigkill_is_bit_identical(assets, tmp_path):
-    config = write_config(tmp_path / "c.yaml", [*gan_sets(assets, 24, checkpoint_every=4, every=12), *CONTRASTIVE])
+    sets = [*gan_sets(assets, 24, checkpoint_every=4, every=12), *CONTRASTIVE, *FEATURE_MATCHING]
+    config = write_config(tmp_path / "c.yaml", sets)
     killed = assert_resume_after_sigkill_is_bit_identical(config, assets["data"], tmp_path)
     assert any(k.startswith("d.state.") for k in final_weights(killed, "optimizer"))  # both optimizers
 
 
 @pytest.mark.slow
 def test_gan_torchrun_two_processes_match_one(assets, tmp_path):
-    # R1 (a double backward through DDP) at steps 0 and 2, both optimizers, augmentation; the
-    # contrastive term in groups of 8 (each process's local batch of 8 is one group, as in one
-    # process's batch of 16). A GAN amplifies rounding differences: the largest relative difference
+    # R1 (a double backward through DDP) at steps 0 and 2, both optimizers, augmentation, feature
+    # matching; the contrastive term in groups of 8 (each process's local batch of 8 is one group,
+    # as in one process's batch of 16). A GAN amplifies rounding differences: the largest relative difference
     # of a weight is about 1e-4 after one step, 1e-3 after two, 2e-3 after three (the zero-initialised
     # cross-attention outputs, which sign-like Adam steps with beta1 0 move by +-lr per element;
     # bench/RESULTS.md). A gradient left unaveraged flips the signs of such steps wholesale: far past 1e-2.
-    config = write_config(tmp_path / "c.yaml", [*gan_sets(assets, 3), "gan.r1_every=2", *CONTRASTIVE])
+    sets = [*gan_sets(assets, 3), "gan.r1_every=2", *CONTRASTIVE, *FEATURE_MATCHING]
+    config = write_config(tmp_path / "c.yaml", sets)
     assert_two_processes_match_one(config, assets["data"], tmp_path, rtol=1e-2)

@@ -1,12 +1,14 @@
 """Kind `gan`: a text-conditioned GAN (vgen.models.gan), one network call per image.
 
 Two phases per step, in this order, as in StyleGAN2 (Karras et al. 2020, arXiv:1912.04958):
+  g: the generator learns to make D call its images real for their captions.
   d: the discriminator learns real (image, its caption) -> real, (G(z, caption), caption) -> fake,
      and, matching-aware (Reed et al. 2016; GigaGAN, Kang et al. 2023), (real image, another
      image's caption) -> fake, so it must read the caption; every `r1_every` steps the lazy R1
      penalty (gamma/2) |grad_x D(x)|^2 on the reals (Mescheder et al. 2018, arXiv:1801.04406),
      scaled by `r1_every` (StyleGAN2, sec. B).
-  g: the generator learns to make D call its images real for their captions.
+D judges the very images G drew in the g phase of its step (detached), drawn by G before that
+phase's update, rather than drawing them again: a generator forward pass saved per step.
 Non-saturating logistic loss (Goodfellow et al. 2014) or hinge (Lim & Ye 2017; Miyato et al. 2018).
 Every image D sees, real or fake, is first augmented by DiffAugment (Zhao et al. 2020,
 arXiv:2006.10738): translation, cutout and colour, differentiable so G learns through it. Every
@@ -29,6 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vgen.atomic import atomic_path
 from vgen.config import bounded, check_bounds
+from vgen.distributed import all_reduce
 from vgen.errors import ConfigError
 from vgen.families.base import DEFAULT_SAMPLE_PROMPTS, Family, Phase, SampleSettings, in_fixed_batches, index_chunks
 from vgen.families.config import OptimConfig
@@ -89,6 +92,13 @@ class GanConfig:
     # to a coarse grid it asks for the layout and colours and leaves the details to D.
     reconstruction_weight: float = bounded(0.0, ge=0)
     reconstruction_size: int = bounded(0, ge=0)
+    # Paired feature matching (pix2pixHD, Wang et al. 2018, arXiv:1711.11585, eq. 4): G also minimises
+    # this weight times the L1 distance between the conv discriminator's final feature map (4 x 4
+    # places) of its image and that of the real image of the same caption (both with the same
+    # augmentation), relative to the real map's mean magnitude. Where pixel L1 asks for the real
+    # image's colours, this asks for what D has learnt tells objects apart, place by place: which
+    # object the caption puts on which side, a signal D's single logit does not carry.
+    feature_matching_weight: float = bounded(0.0, ge=0)
     d_optim: GanOptimConfig = field(default_factory=GanOptimConfig)  # the discriminator's AdamW (G's: `optim`)
     sample_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_SAMPLE_PROMPTS))
     sample_seeds: int = bounded(4, ge=1)
@@ -100,6 +110,9 @@ class GanConfig:
         if self.contrastive_weight > 0 and self.discriminator.backbone != "conv":
             raise ValueError(f"contrastive_weight needs discriminator.backbone: conv (the one whose projection "
                              f"scores every caption of a group); backbone is {self.discriminator.backbone}")
+        if self.feature_matching_weight > 0 and self.discriminator.backbone != "conv":
+            raise ValueError(f"feature_matching_weight needs discriminator.backbone: conv (whose feature map it "
+                             f"matches); backbone is {self.discriminator.backbone}")
         size = self.reconstruction_size
         if size and (size > self.image_size or self.image_size % size):
             raise ValueError(f"reconstruction_size {size} must divide image_size {self.image_size}")
@@ -159,6 +172,7 @@ class GanFamily(Family):
             raise ConfigError(f"gan: {e}") from None
         self.model = GanModel(GanGenerator(g, encoder), d).to(device)
         self._neighbours, self._neighbours_of = None, None  # the hard wrong captions (_wrong_caption)
+        self._drawn: tuple[dict, torch.Tensor] | None = None  # (batch, G's images of its g phase), for the d phase
 
     @staticmethod
     def _discriminator(gan: GanConfig, clip, encoder) -> nn.Module:
@@ -189,8 +203,8 @@ class GanFamily(Family):
         self.model.g.generator.compile()
 
     def phases(self) -> list[Phase]:
-        return [Phase("d", self.model.d, self.d_loss, self.cfg.gan.d_optim),
-                Phase("g", self.model.g, self.g_loss, self.cfg.optim)]
+        return [Phase("g", self.model.g, self.g_loss, self.cfg.optim),
+                Phase("d", self.model.d, self.d_loss, self.cfg.gan.d_optim)]
 
     # --- batches ---
     def _wrong_caption(self, dataset, index: int, caption: str, rng: random.Random) -> tuple[str, bool]:
@@ -245,8 +259,12 @@ class GanFamily(Family):
     def d_loss(self, d, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
         gan, g = self.cfg.gan, self.model.g
         text = g.encode_text(batch["captions"])
-        with torch.no_grad():
-            fake = g.generator(batch["z"], text)
+        drawn, self._drawn = self._drawn, None
+        if drawn is not None and drawn[0] is batch:
+            fake = drawn[1]
+        else:  # a d phase on its own (tests, tools)
+            with torch.no_grad():
+                fake = g.generator(batch["z"], text)
         r1_step = gan.r1_gamma > 0 and step % gan.r1_every == 0
         real = batch["real"].detach().requires_grad_(r1_step)
         views = [self._augment(real, batch, VIEW_REAL), self._augment(fake, batch, VIEW_FAKE_D)]
@@ -290,18 +308,24 @@ class GanFamily(Family):
 
     def g_loss(self, g, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
         fake = g(batch["z"], batch["captions"])
+        self._drawn = (batch, fake.detach())
         gan = self.cfg.gan
         with torch.no_grad():  # D judges the caption; the text encoder learns only through G
             text = self.model.g.encode_text(batch["captions"])
             wrong_text = self.model.g.encode_text(batch["wrong_captions"]) if gan.contrastive_weight else None
-        logs = {}
+        logs, d, view = {}, self.model.d, self._augment(fake, batch, VIEW_FAKE_G)
+        # feature matching: D's feature map of the view, computed once for both terms
+        fake_map = d.feature_map(view) if gan.feature_matching_weight > 0 else None
+
+        def judge(**kwargs):
+            return d(view, text, **kwargs) if fake_map is None else d.judge(fake_map, text, **kwargs)
+
         if gan.clip_guidance > 0:
-            logits, image = self.model.d(self._augment(fake, batch, VIEW_FAKE_G), text, image_embedding=True)
+            logits, image = judge(image_embedding=True)
         elif gan.contrastive_weight > 0:
-            logits, scores = self.model.d(self._augment(fake, batch, VIEW_FAKE_G), text, pairs=len(batch["captions"]),
-                                          candidates=self._candidates(text, wrong_text))
+            logits, scores = judge(pairs=len(batch["captions"]), candidates=self._candidates(text, wrong_text))
         else:
-            logits = self.model.d(self._augment(fake, batch, VIEW_FAKE_G), text)
+            logits = judge()
         loss = F.softplus(-logits).mean() if gan.loss == "ns" else -logits.mean()
         if gan.contrastive_weight > 0:
             matching, logs["g_match"] = contrastive_loss(scores, batch["captions"], batch["wrong_captions"],
@@ -313,6 +337,14 @@ class GanFamily(Family):
             reconstruction = error.abs().mean()
             loss = loss + gan.reconstruction_weight * reconstruction
             logs["g_l1"] = reconstruction.detach()
+        if gan.feature_matching_weight > 0:
+            with torch.no_grad():
+                real_map = d.feature_map(self._augment(batch["real"], batch, VIEW_FAKE_G)).float()
+                # the whole batch's scale, so that torchrun's processes divide by what one process would
+                scale = all_reduce(real_map.abs().mean(), "mean").clamp_min(1e-6)
+            matching = (fake_map.float() - real_map).abs().mean() / scale
+            loss = loss + gan.feature_matching_weight * matching
+            logs["g_fm"] = matching.detach()
         if gan.clip_guidance > 0:
             cos = F.cosine_similarity(image, text.pooled.float(), dim=-1)
             distance = torch.arccos(cos.clamp(-1 + 1e-6, 1 - 1e-6)).pow(2).mean()

@@ -236,7 +236,12 @@ class Discriminator(nn.Module):
         `features`): scores[i, j] = <c(text_j, h_i), h_i> / sqrt(width), the conditional part of the
         logit image i would get with caption j (for gan.contrastive_weight), returned as (logits,
         scores). One call for both, so that DDP sees one forward of D."""
-        grid = self.feature_map(images)
+        return self.judge(self.feature_map(images), features, pairs, candidates)
+
+    def judge(self, grid: torch.Tensor, features, pairs: int = 0,
+              candidates=None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """forward() from the images' feature map [B, ch, 4, 4] (feature_map), for a caller that
+        also uses the map itself (gan.feature_matching_weight)."""
         h = self._embed(grid)
         c = self.projection(h[:, None], features)[:, 0]
         logit = (self.unconditional(h)[:, 0] + (c * h).sum(dim=1) / math.sqrt(h.shape[1])).float()
