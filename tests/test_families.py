@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -23,11 +24,11 @@ TINY_GAN = [
     "optim.warmup_steps=0", "optim.betas=[0.0, 0.99]", "ema.decay=0.9",
 ]
 
-# The optional matching terms (off in configs/gan-tiny-cpu.yaml; bench/RESULTS.md): contrastive, in
+# Optional matching terms, off in configs/gan-tiny-cpu.yaml (bench/RESULTS.md): contrastive, in
 # groups of 8 here, hard wrong captions, position-aware queries in G.
 CONTRASTIVE = ["gan.contrastive_weight=1.0", "gan.contrastive_group=8", "gan.mismatch_hard=0.5",
                "gan.generator.position_queries=true"]
-# The config's feature matching (G matches D's feature map of the real image of its caption).
+# On in the config: feature matching (G matches D's feature map of the real image of its caption).
 FEATURE_MATCHING = ["gan.feature_matching_weight=4.0"]
 
 
@@ -457,6 +458,29 @@ def test_feature_matching_term_known_answer(tiny_clip):
         torch.testing.assert_close(loss, base + 2.0 * expected)
         _, logs = family.g_loss(family.model.g, {**batch, "real": fake}, 0)
         assert logs["g_fm"] == 0
+    # The term reaches G through D's map of its image: G's gradient is that of the adversarial term
+    # plus 2 x the term's own (D frozen, as the loop keeps it in the g phase).
+    d.requires_grad_(False)
+    g_params = [p for p in family.model.g.generator.parameters()]
+
+    def gradient(weight: float | None) -> torch.Tensor:
+        family.model.g.zero_grad()
+        if weight is None:  # the term alone, written out
+            image = family.model.g(batch["z"], batch["captions"])
+            ((d.feature_map(family._augment(image, batch, VIEW_FAKE_G)) - real_map).abs().mean()
+             / real_map.abs().mean()).backward()
+        else:
+            family.cfg.gan.feature_matching_weight = weight
+            family.g_loss(family.model.g, batch, 0)[0].backward()
+        return torch.cat([p.grad.flatten() for p in g_params])
+
+    plain, with_term, term = gradient(0.0), gradient(2.0), gradient(None)
+    assert term.abs().sum() > 0
+    torch.testing.assert_close(with_term, plain + 2.0 * term)
+    # Under torchrun the scale is the whole batch's: the mean over processes of each one's mean.
+    with torch.no_grad(), mock.patch("vgen.families.gan.all_reduce", lambda t, op: t * 0 + 4.0):
+        _, logs = family.g_loss(family.model.g, batch, 0)
+        torch.testing.assert_close(logs["g_fm"], (fake_map - real_map).abs().mean() / 4.0)
     with pytest.raises(ConfigError, match="feature_matching_weight needs discriminator.backbone: conv"):
         train_config_from_dict({"kind": "gan", "gan": {"feature_matching_weight": 1.0,
                                                        "discriminator": {"backbone": "clip"}}})
@@ -483,8 +507,10 @@ def test_d_phase_judges_the_images_of_the_g_phase(tiny_clip):
     torch.manual_seed(0)
     first, second = batch(), batch()
     family.g_loss(family.model.g, first, 0)
+    drawn = family._drawn[1]
+    assert not drawn.requires_grad and torch.equal(drawn, calls[0])
     family.d_loss(family.model.d, first, 0)
-    assert len(calls) == 1  # d reused g's images
+    assert len(calls) == 1 and family._drawn is None  # d reused g's images, once
     family.d_loss(family.model.d, second, 1)  # no g phase for this batch: d draws
     assert len(calls) == 2
     family.g_loss(family.model.g, first, 0)

@@ -57,7 +57,8 @@ class Phase:
 
     `module` holds the parameters the phase trains (those that require grad when the family is
     built); the loop gives `loss` that module (DDP-wrapped under torchrun) as `trained`, and turns
-    the other phases' parameters off while this one runs. `logs`: extra scalars (tensors) for
+    the other phases' parameters off while this one runs. Every phase of a step gets the same batch
+    object (make_batch's), in the order of Family.phases(). `logs`: extra scalars (tensors) for
     metrics.jsonl and the progress line, each averaged over the steps of the log window that
     logged it."""
 

@@ -1,14 +1,17 @@
 """Kind `gan`: a text-conditioned GAN (vgen.models.gan), one network call per image.
 
-Two phases per step, in this order, as in StyleGAN2 (Karras et al. 2020, arXiv:1912.04958):
+Two phases per step, in StyleGAN2's order (Karras et al. 2020, arXiv:1912.04958):
   g: the generator learns to make D call its images real for their captions.
   d: the discriminator learns real (image, its caption) -> real, (G(z, caption), caption) -> fake,
      and, matching-aware (Reed et al. 2016; GigaGAN, Kang et al. 2023), (real image, another
      image's caption) -> fake, so it must read the caption; every `r1_every` steps the lazy R1
      penalty (gamma/2) |grad_x D(x)|^2 on the reals (Mescheder et al. 2018, arXiv:1801.04406),
      scaled by `r1_every` (StyleGAN2, sec. B).
-D judges the very images G drew in the g phase of its step (detached), drawn by G before that
-phase's update, rather than drawing them again: a generator forward pass saved per step.
+Unlike StyleGAN2, whose D phase draws new images from the updated G, D judges the images G drew in
+the g phase of the same step (detached, from G before that phase's update): both updates of a
+step see the same G and D, a simultaneous step rather than an alternating one, for one generator
+pass fewer per step. (The loop hands every phase of a step the same batch object, which is how
+the d phase knows the images are its batch's.)
 Non-saturating logistic loss (Goodfellow et al. 2014) or hinge (Lim & Ye 2017; Miyato et al. 2018).
 Every image D sees, real or fake, is first augmented by DiffAugment (Zhao et al. 2020,
 arXiv:2006.10738): translation, cutout and colour, differentiable so G learns through it. Every
