@@ -478,7 +478,7 @@ def test_feature_matching_term_known_answer(tiny_clip):
     assert term.abs().sum() > 0
     torch.testing.assert_close(with_term, plain + 2.0 * term)
     # Under torchrun the scale is the whole batch's: the mean over processes of each one's mean.
-    with torch.no_grad(), mock.patch("vgen.families.gan.all_reduce", lambda t, op: t * 0 + 4.0):
+    with torch.no_grad(), mock.patch("vgen.families.gan_terms.all_reduce", lambda t, op: t * 0 + 4.0):
         _, logs = family.g_loss(family.model.g, batch, 0)
         torch.testing.assert_close(logs["g_fm"], (fake_map - real_map).abs().mean() / 4.0)
     with pytest.raises(ConfigError, match="feature_matching_weight needs discriminator.backbone: conv"):

@@ -34,11 +34,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vgen.atomic import atomic_path
 from vgen.config import bounded, check_bounds
-from vgen.distributed import all_reduce
 from vgen.errors import ConfigError
 from vgen.families.base import DEFAULT_SAMPLE_PROMPTS, Family, Phase, SampleSettings, in_fixed_batches, index_chunks
 from vgen.families.config import OptimConfig
-from vgen.families.gan_terms import AUGMENTS, contrastive_loss, diff_augment
+from vgen.families.gan_terms import AUGMENTS, contrastive_loss, diff_augment, feature_matching
 from vgen.grid import images_to_float, make_grid, to_uint8
 from vgen.models.conditioned import TextConditioned
 from vgen.models.gan import (ClipFeatureDiscriminator, Discriminator, DiscriminatorConfig, Generator, GeneratorConfig,
@@ -342,10 +341,8 @@ class GanFamily(Family):
             logs["g_l1"] = reconstruction.detach()
         if gan.feature_matching_weight > 0:
             with torch.no_grad():
-                real_map = d.feature_map(self._augment(batch["real"], batch, VIEW_FAKE_G)).float()
-                # the whole batch's scale, so that torchrun's processes divide by what one process would
-                scale = all_reduce(real_map.abs().mean(), "mean").clamp_min(1e-6)
-            matching = (fake_map.float() - real_map).abs().mean() / scale
+                real_map = d.feature_map(self._augment(batch["real"], batch, VIEW_FAKE_G))
+            matching = feature_matching(fake_map, real_map)
             loss = loss + gan.feature_matching_weight * matching
             logs["g_fm"] = matching.detach()
         if gan.clip_guidance > 0:

@@ -1,11 +1,13 @@
 """The GAN family's image and text terms, as functions of tensors: DiffAugment (Zhao et al. 2020,
-arXiv:2006.10738) and XMC-GAN's image-text contrastive loss (Zhang et al. 2021, arXiv:2101.04702)."""
+arXiv:2006.10738), XMC-GAN's image-text contrastive loss (Zhang et al. 2021, arXiv:2101.04702) and
+pix2pixHD's feature matching (Wang et al. 2018, arXiv:1711.11585)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from vgen.distributed import all_reduce
 from vgen.errors import ConfigError
 
 AUGMENTS = ("translation", "cutout", "color")
@@ -61,3 +63,13 @@ def contrastive_loss(scores: torch.Tensor, captions: list[str], wrong: list[str]
     same_text = (own[:, None] == candidate[None, :]) & (torch.arange(2 * B, device=scores.device)[None] != index[:, None])
     scores = scores.float().masked_fill(~same_group | same_text, float("-inf"))
     return F.cross_entropy(scores, index), (scores.argmax(dim=1) == index).float().mean()
+
+
+def feature_matching(fake_map: torch.Tensor, real_map: torch.Tensor) -> torch.Tensor:
+    """mean |fake_map - real_map| / mean |real_map|: D's feature maps of G's images and of the real
+    images of the same captions (pix2pixHD, eq. 4, on D's last map), relative to the real map's
+    scale, which is the whole batch's (all-reduced) so that torchrun's processes divide by what one
+    process would."""
+    real_map = real_map.detach().float()
+    scale = all_reduce(real_map.abs().mean(), "mean").clamp_min(1e-6)
+    return (fake_map.float() - real_map).abs().mean() / scale
